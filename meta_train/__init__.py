@@ -1,0 +1,1 @@
+"""Loops that meta-train metanetworks over task suites."""

@@ -1,0 +1,1 @@
+"""Task distributions (INR fitting, classifiers, RL policies) and the data they read."""
