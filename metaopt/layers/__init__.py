@@ -1,0 +1,11 @@
+"""Weight-space layers, one file per kind."""
+
+from .base import EquivariantLinear, NeuronLayout
+from .dws import DWSLinear, HNPLinear
+from .norm import WeightSpaceNorm
+from .np import NPLinear
+from .pointwise import ChannelDropout, Elementwise
+from .pooling import InvariantPool
+
+__all__ = ["EquivariantLinear", "NeuronLayout", "NPLinear", "DWSLinear", "HNPLinear", "InvariantPool",
+           "Elementwise", "ChannelDropout", "WeightSpaceNorm"]

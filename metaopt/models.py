@@ -1,0 +1,177 @@
+"""Metanetworks: equivariant (WeightSpace -> WeightSpace) and invariant (WeightSpace -> Tensor).
+
+``NFN`` stacks NP layers, ``DWSNet`` stacks DWS/HNP layers; their ``Invariant*`` versions add
+invariant pooling and an MLP head. The baselines the literature compares against live here too.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .layers import ChannelDropout, DWSLinear, Elementwise, InvariantPool, NPLinear, WeightSpaceNorm
+from .weight_space import WeightSpace, WeightSpaceSpec
+
+__all__ = ["NFN", "DWSNet", "InvariantNFN", "InvariantDWSNet", "FlatMLP", "DeepSets", "StatNN"]
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+class _EquivariantStack(nn.Sequential):
+    """linear -> [norm] -> act -> [dropout], repeated; the last linear has no activation."""
+
+    def __init__(self, spec: WeightSpaceSpec, make_linear: Callable[[int, int], nn.Module], in_channels: int,
+                 out_channels: int, hidden_channels: int, num_layers: int, activation: str, dropout: float,
+                 norm: bool):
+        if num_layers < 1:
+            raise ValueError("num_layers must be at least 1")
+        widths = [in_channels] + [hidden_channels] * (num_layers - 1) + [out_channels]
+        mods: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            mods.append(make_linear(a, b))
+            if i < num_layers - 1:
+                if norm:
+                    mods.append(WeightSpaceNorm(2 * spec.num_layers, b))
+                mods.append(Elementwise(_activation(activation)))
+                if dropout:
+                    mods.append(ChannelDropout(dropout))
+        super().__init__(*mods)
+        self.spec = spec
+
+    def zero_last_(self) -> None:
+        """Zero the output layer, so the metanetwork starts by predicting exactly 0 (residual use)."""
+        with torch.no_grad():
+            for p in self[-1].parameters():
+                p.zero_()
+
+
+class NFN(_EquivariantStack):
+    """Equivariant NFN of NP layers (input/output positions embedded by default)."""
+
+    def __init__(self, spec: WeightSpaceSpec, in_channels: int = 1, out_channels: int = 1,
+                 hidden_channels: int = 32, num_layers: int = 3, io_embed: bool = True,
+                 activation: str = "relu", dropout: float = 0.0, norm: bool = False):
+        super().__init__(spec, lambda a, b: NPLinear(spec, a, b, io_embed=io_embed), in_channels, out_channels,
+                         hidden_channels, num_layers, activation, dropout, norm)
+
+
+class DWSNet(_EquivariantStack):
+    """Equivariant DWSNet of DWS/HNP layers (see :class:`DWSLinear` for ``max_dense_io``)."""
+
+    def __init__(self, spec: WeightSpaceSpec, in_channels: int = 1, out_channels: int = 1,
+                 hidden_channels: int = 32, num_layers: int = 3, max_dense_io: int | None = 8,
+                 activation: str = "relu", dropout: float = 0.0, norm: bool = False):
+        super().__init__(spec, lambda a, b: DWSLinear(spec, a, b, max_dense_io=max_dense_io), in_channels,
+                         out_channels, hidden_channels, num_layers, activation, dropout, norm)
+
+
+def _mlp(in_features: int, hidden: int, out_features: int, depth: int, activation: str,
+         dropout: float = 0.0) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    d = in_features
+    for _ in range(depth - 1):
+        layers += [nn.Linear(d, hidden), _activation(activation)]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        d = hidden
+    layers.append(nn.Linear(d, out_features))
+    return nn.Sequential(*layers)
+
+
+class _InvariantNet(nn.Module):
+    def __init__(self, trunk: _EquivariantStack, pool: InvariantPool, out_features: int, head_hidden: int,
+                 head_layers: int, activation: str, dropout: float):
+        super().__init__()
+        self.trunk, self.pool = trunk, pool
+        self.head = _mlp(pool.out_features(trunk[-1].out_channels), head_hidden, out_features, head_layers, activation, dropout)
+
+    def forward(self, ws: WeightSpace) -> Tensor:
+        return self.head(self.pool(self.trunk(ws)))
+
+
+class InvariantNFN(_InvariantNet):
+    """NP trunk, mean pooling over all neurons, MLP head: [B, out_features]."""
+
+    def __init__(self, spec: WeightSpaceSpec, in_channels: int = 1, out_features: int = 1,
+                 hidden_channels: int = 32, num_layers: int = 3, io_embed: bool = True,
+                 head_hidden: int = 256, head_layers: int = 2, activation: str = "relu", dropout: float = 0.0,
+                 norm: bool = False):
+        trunk = NFN(spec, in_channels, hidden_channels, hidden_channels, num_layers, io_embed, activation,
+                    dropout, norm)
+        super().__init__(trunk, InvariantPool(spec), out_features, head_hidden, head_layers, activation, dropout)
+
+
+class InvariantDWSNet(_InvariantNet):
+    """DWS trunk, pooling over hidden neurons (input/output positions kept), MLP head."""
+
+    def __init__(self, spec: WeightSpaceSpec, in_channels: int = 1, out_features: int = 1,
+                 hidden_channels: int = 32, num_layers: int = 3, max_dense_io: int | None = 8,
+                 head_hidden: int = 256, head_layers: int = 2, activation: str = "relu", dropout: float = 0.0,
+                 norm: bool = False):
+        trunk = DWSNet(spec, in_channels, hidden_channels, hidden_channels, num_layers, max_dense_io, activation,
+                       dropout, norm)
+        super().__init__(trunk, InvariantPool(spec, keep_io=True), out_features, head_hidden, head_layers,
+                         activation, dropout)
+
+
+# --------------------------------------------------------------------------- baselines
+class FlatMLP(nn.Module):
+    """MLP on the vectorized weights: the baseline that ignores the symmetry altogether."""
+
+    def __init__(self, spec: WeightSpaceSpec, in_channels: int = 1, out_features: int = 1, hidden: int = 256,
+                 depth: int = 3, activation: str = "relu", dropout: float = 0.0):
+        super().__init__()
+        total = sum(l.n_out * l.n_in * l.kernel_size + l.n_out for l in spec.layers)
+        self.net = _mlp(in_channels * total, hidden, out_features, depth, activation, dropout)
+
+    def forward(self, ws: WeightSpace) -> Tensor:
+        return self.net(ws.flatten().flatten(1))
+
+
+class DeepSets(nn.Module):
+    """Per-parameter DeepSets: embed each parameter with its value(s) and a learned tensor
+    embedding, average, then an MLP. Invariant to *all* permutations within a tensor."""
+
+    def __init__(self, spec: WeightSpaceSpec, in_channels: int = 1, out_features: int = 1, hidden: int = 128,
+                 activation: str = "relu"):
+        super().__init__()
+        self.tensor_embed = nn.Parameter(torch.randn(2 * spec.num_layers, hidden) * 0.1)
+        self.phi = _mlp(in_channels, hidden, hidden, 2, activation)
+        self.rho = _mlp(hidden * 2 * spec.num_layers, hidden, out_features, 2, activation)
+
+    def forward(self, ws: WeightSpace) -> Tensor:
+        pooled = []
+        for k, t in enumerate(ws.tensors()):
+            x = t.flatten(2).transpose(1, 2)  # [B, n, C]
+            pooled.append(torch.relu(self.phi(x) + self.tensor_embed[k]).mean(1))
+        return self.rho(torch.cat(pooled, -1))
+
+
+class StatNN(nn.Module):
+    """Statistics of each tensor (mean, std, quantiles) fed to an MLP (Unterthiner et al. 2020)."""
+
+    QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def __init__(self, spec: WeightSpaceSpec, in_channels: int = 1, out_features: int = 1, hidden: int = 256,
+                 depth: int = 3, activation: str = "relu"):
+        super().__init__()
+        n_stats = 2 + len(self.QUANTILES)
+        self.register_buffer("q", torch.tensor(self.QUANTILES))
+        self.net = _mlp(2 * spec.num_layers * in_channels * n_stats, hidden, out_features, depth, activation)
+
+    def forward(self, ws: WeightSpace) -> Tensor:
+        feats = []
+        for t in ws.tensors():
+            x = t.flatten(2)  # [B, C, n]
+            std, mean = torch.std_mean(x, dim=-1, unbiased=False)
+            qs = torch.quantile(x, self.q.to(x.dtype), dim=-1).permute(1, 2, 0)  # [B, C, Q]
+            feats.append(torch.cat([mean[..., None], std[..., None], qs], -1).flatten(1))
+        return self.net(torch.cat(feats, -1))

@@ -1,0 +1,117 @@
+"""Symmetry is correctness: every equivariant or invariant piece, on every test architecture,
+commutes with random coupled hidden permutations and does *not* commute with uncoupled ones."""
+
+import pytest
+import torch
+from torch import nn
+
+from _archs import ARCHS, batch, max_diff, permute_inputs, uncoupled
+from metaopt import random_hidden_perms
+from metaopt.layers import ChannelDropout, DWSLinear, Elementwise, InvariantPool, NPLinear, WeightSpaceNorm
+from metaopt.models import NFN, DWSNet, DeepSets, InvariantDWSNet, InvariantNFN, StatNN
+
+EQUIVARIANT = {
+    "np": lambda s, c: NPLinear(s, c, 4),
+    "np_io_embed": lambda s, c: NPLinear(s, c, 4, io_embed=True),
+    "dws_dense": lambda s, c: DWSLinear(s, c, 4, max_dense_io=None),
+    "dws_embedded": lambda s, c: DWSLinear(s, c, 4, max_dense_io=0),
+    "nfn": lambda s, c: NFN(s, c, 2, hidden_channels=6, norm=True),
+    "dwsnet": lambda s, c: DWSNet(s, c, 2, hidden_channels=6, num_layers=4),
+    "norm": lambda s, c: WeightSpaceNorm(2 * s.num_layers, c),
+    "gelu": lambda s, c: Elementwise(nn.GELU()),
+}
+INVARIANT = {
+    "inv_nfn": lambda s, c: InvariantNFN(s, c, 3, hidden_channels=6),
+    "inv_dwsnet": lambda s, c: InvariantDWSNet(s, c, 3, hidden_channels=6),
+    "statnn": lambda s, c: StatNN(s, c, 3),
+    "deepsets": lambda s, c: DeepSets(s, c, 3),
+    "pool_np": lambda s, c: InvariantPool(s),
+    "pool_dws": lambda s, c: InvariantPool(s, keep_io=True),
+}
+TOL = 2e-5  # float32: a few ulps of the largest activations
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("kind", sorted(EQUIVARIANT))
+def test_equivariant(arch, kind):
+    ws = batch(arch, n=3, channels=2)
+    torch.manual_seed(0)
+    layer = EQUIVARIANT[kind](ws.spec, 2)
+    g = torch.Generator().manual_seed(1)
+    for batched in (None, 3):
+        perms = random_hidden_perms(ws.spec, g, batch_size=batched)
+        assert max_diff(layer(ws.permute_hidden(perms)), layer(ws).permute_hidden(perms)) < TOL
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("kind", sorted(INVARIANT))
+def test_invariant(arch, kind):
+    ws = batch(arch, n=3, channels=2)
+    torch.manual_seed(0)
+    model = INVARIANT[kind](ws.spec, 2)
+    perms = random_hidden_perms(ws.spec, torch.Generator().manual_seed(1), batch_size=3)
+    assert max_diff(model(ws.permute_hidden(perms)), model(ws)) < TOL
+
+
+# Sensitivity: layers that mix tensors must notice when a permutation is not coupled.
+MIXING = ["np", "np_io_embed", "dws_dense", "dws_embedded", "nfn", "dwsnet"]
+
+
+@pytest.mark.parametrize("arch", ["mlp3", "mlp5", "cnn2d_flatten"])
+@pytest.mark.parametrize("kind", MIXING)
+def test_equivariant_layers_see_uncoupled_permutations(arch, kind):
+    ws = batch(arch, n=2)
+    torch.manual_seed(0)
+    layer = EQUIVARIANT[kind](ws.spec, 1)
+    g = torch.Generator().manual_seed(3)
+    for k in range(ws.spec.num_layers - 1):
+        g.manual_seed(k)
+        a = layer(uncoupled(ws, k, g))
+        g.manual_seed(k)
+        b = uncoupled(layer(ws), k, g)
+        scale = max(t.abs().max().item() for t in b.tensors())
+        assert max_diff(a, b) > 1e-3 * scale, f"hidden layer {k}"  # far above float32 noise (~1e-7 * scale)
+
+
+# (StatNN and DeepSets read per-tensor statistics: blind to coupling by design, the weaker baselines.)
+@pytest.mark.parametrize("kind", ["inv_nfn", "inv_dwsnet"])
+@pytest.mark.parametrize("arch", ["mlp3", "cnn2d_gap"])
+def test_invariant_models_see_uncoupled_permutations(kind, arch):
+    ws = batch(arch, n=2)
+    torch.manual_seed(0)
+    model = INVARIANT[kind](ws.spec, 1)
+    out = model(ws)
+    assert max_diff(model(uncoupled(ws, 0)), out) > 1e-3 * out.abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["np_io_embed", "dws_dense", "dws_embedded"])
+def test_input_order_matters_unless_np(kind):
+    ws = batch("mlp3", n=2)
+    torch.manual_seed(0)
+    layer = EQUIVARIANT[kind](ws.spec, 1)
+    g = torch.Generator()
+    g.manual_seed(5)
+    a = layer(permute_inputs(ws, g))
+    g.manual_seed(5)
+    assert max_diff(a, permute_inputs(layer(ws), g)) > 1e-3
+
+
+def test_plain_np_is_equivariant_to_input_permutations_too():
+    ws = batch("mlp3", n=2)
+    layer = NPLinear(ws.spec, 1, 3)
+    g = torch.Generator()
+    g.manual_seed(5)
+    a = layer(permute_inputs(ws, g))
+    g.manual_seed(5)
+    assert max_diff(a, permute_inputs(layer(ws), g)) < TOL
+
+
+def test_channel_dropout_is_equivariant_per_sample():
+    ws = batch("mlp4", n=2, channels=8)
+    drop = ChannelDropout(0.5).train()
+    perms = random_hidden_perms(ws.spec, torch.Generator().manual_seed(0))
+    torch.manual_seed(7)
+    a = drop(ws.permute_hidden(perms))
+    torch.manual_seed(7)
+    b = drop(ws).permute_hidden(perms)
+    assert max_diff(a, b) == 0 and max_diff(a, ws.permute_hidden(perms)) > 0
