@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..weight_space import WeightSpace, WeightSpaceSpec
 
@@ -85,17 +86,30 @@ class NeuronLayout:
         """Mean over every kept (permutable) axis: [B, c, *kept] -> [B, c]."""
         return x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
 
-    def set_features(self, xs: list[Tensor], s: int) -> Tensor:
-        """[B, F_s, n_s]: everything that lives on neuron set ``s``."""
-        feats = []
+    @staticmethod
+    def _mean(x: Tensor, dim: int) -> Tensor:
+        # sum-then-scale: the backward of sum is a free expand, that of mean a full-size division
+        return x.sum(dim) * (1.0 / x.shape[dim])
+
+    def pooled_features(self, xs: list[Tensor]) -> tuple[Tensor, dict[int, Tensor]]:
+        """The global features [B, G] and, per kept set s, the features living on s [B, F_s, n_s].
+
+        Each matrix is read once per axis; its global mean comes from its (small) row means.
+        """
+        per_set: dict[int, list[Tensor]] = {s: [] for s in self.kept_sets}
+        glob = []
         for e, x in zip(self.entries, xs):
-            if s not in e.sets:
-                continue
-            if len(e.sets) == 1:
-                feats.append(x)
+            if len(e.sets) == 2:
+                rows, cols = self._mean(x, -1), self._mean(x, -2)
+                per_set[e.sets[0]].append(rows)
+                per_set[e.sets[1]].append(cols)
+                glob.append(self._mean(rows, -1))
+            elif len(e.sets) == 1:
+                per_set[e.sets[0]].append(x)
+                glob.append(self._mean(x, -1))
             else:
-                feats.append(x.mean(-1) if e.sets[0] == s else x.mean(-2))
-        return torch.cat(feats, 1)
+                glob.append(x)
+        return torch.cat(glob, 1), {s: torch.cat(f, 1) for s, f in per_set.items()}
 
     def set_feature_dim(self, s: int, channels: int) -> int:
         return sum(channels * e.fold for e in self.entries if s in e.sets)
@@ -160,18 +174,29 @@ class EquivariantLinear(nn.Module):
             raise ValueError(f"{type(self).__name__} was built for [{self.spec}], got [{ws.spec}]")
         layout = self.layout
         xs = layout.fold(ws)
-        g = torch.cat([layout.pool(x) for x in xs], 1) @ self.global_weight.t()
-        outs = [b + gk.view(*gk.shape, *([1] * (x.dim() - 2)))
-                for b, gk, x in zip(self.biases, g.split(self._out_dims, 1), xs)]
+        glob, feats = layout.pooled_features(xs)
+        g = glob @ self.global_weight.t()
+        # small terms first: bias + global + set terms, broadcast but not yet materialized
+        small = [b + gk.view(*gk.shape, *([1] * (x.dim() - 2)))
+                 for b, gk, x in zip(self.biases, g.split(self._out_dims, 1), xs)]
+        set_terms: list[list[Tensor]] = [[] for _ in xs]
         for s, members in self._set_members.items():
-            ys = torch.matmul(self.set_weights[str(s)], layout.set_features(xs, s))
+            ys = torch.matmul(self.set_weights[str(s)], feats[s])
             for k, y in zip(members, ys.split([self._out_dims[k] for k in members], 1)):
                 sets = layout.entries[k].sets
-                outs[k] = outs[k] + (y if len(sets) == 1 else y.unsqueeze(-1) if sets[0] == s else y.unsqueeze(-2))
-        for k, w in self.pointwise.items():
-            k = int(k)
-            x = xs[k]
-            outs[k] = outs[k] + torch.matmul(w, x.flatten(2)).view(x.shape[0], -1, *x.shape[2:])
+                set_terms[k].append(y if len(sets) == 1 else y.unsqueeze(-1) if sets[0] == s else y.unsqueeze(-2))
+        outs = []
+        for k, x in enumerate(xs):
+            if str(k) in self.pointwise:  # matrix: one full-size tensor, the rest added in place
+                # a 1x1 conv writes a fresh 4-D tensor (a view would make the in-place adds slow in autograd)
+                out = F.conv2d(x, self.pointwise[str(k)][:, :, None, None])
+                first, second = set_terms[k]  # row and column terms, [B, o, n, 1] and [B, o, 1, m]
+                out = out.add_(first + small[k]).add_(second)
+            else:
+                out = small[k]
+                for t in set_terms[k]:
+                    out = out + t
+            outs.append(out)
         return layout.unfold(outs, self.out_channels)
 
     def extra_repr(self) -> str:
