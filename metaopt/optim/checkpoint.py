@@ -1,0 +1,96 @@
+"""Saving and loading learned optimizers: safetensors plus JSON metadata, never pickle.
+
+Writes go to a temporary file in the same directory, are fsynced, then renamed over the
+target, so a crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .learned import LearnedOptimizer, LearnedOptimizerConfig
+
+FORMAT = "metaopt-learned-optimizer"
+VERSION = 1
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "pretrained" / "default.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A learned-optimizer file that is missing, corrupt, of another version or of other shapes."""
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then move the finished file to ``path`` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_learned(learned: LearnedOptimizer, path: str | os.PathLike, **metadata: str) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in learned.state_dict().items()}
+    meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(learned.config.to_dict()),
+            **{k: str(v) for k, v in metadata.items()}}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or not a safetensors file ({e})") from e
+
+
+def load_learned(path: str | os.PathLike = DEFAULT_PATH, map_location: str | torch.device = "cpu") -> LearnedOptimizer:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such learned-optimizer file")
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a metaopt learned optimizer (format={meta.get('format')!r})")
+    if meta.get("version") != str(VERSION):
+        raise CheckpointError(f"{path}: file format version {meta.get('version')!r}, this metaopt reads {VERSION}")
+    try:
+        config = LearnedOptimizerConfig.from_dict(json.loads(meta["config"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: bad config in metadata ({e})") from e
+    learned = LearnedOptimizer(config)
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt tensor data ({e})") from e
+    load_meta_state(learned, tensors, str(path))
+    return learned
+
+
+def load_meta_state(learned: LearnedOptimizer, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy meta-parameters in, naming any missing, unexpected or wrongly shaped tensor."""
+    expected = learned.state_dict()
+    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: tensors do not match the config (missing {sorted(missing)}, "
+                              f"unexpected {sorted(unexpected)})")
+    for k, v in tensors.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(f"{source}: wrong shape for {k}: file has {tuple(v.shape)}, "
+                                  f"config needs {tuple(expected[k].shape)}")
+        if not torch.isfinite(v).all():
+            raise CheckpointError(f"{source}: {k} has non-finite values")
+    learned.load_state_dict(tensors)

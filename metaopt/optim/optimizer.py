@@ -1,0 +1,165 @@
+"""``MetaNetOptimizer``: the learned optimizer behind the ``torch.optim.Optimizer`` contract."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import DEFAULT_PATH, CheckpointError, load_learned, load_meta_state
+from .learned import LearnedOptimizer, LearnedOptimizerConfig
+from .structure import Structure, infer_structure, structure_from_module
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class MetaNetOptimizer(torch.optim.Optimizer):
+    """Train with a meta-learned, permutation-equivariant update rule as you would with Adam.
+
+    Args:
+        params: parameters, named parameters, or parameter groups (each may set ``lr`` and
+            ``weight_decay``; weight decay is decoupled, as in AdamW).
+        lr: step size; with an untrained metanetwork the optimizer *is* Adam at this lr.
+        learned: a :class:`LearnedOptimizer`, a path to a saved one, or None for the shipped default.
+        module: the model, for exact weight-space structure; without it the structure is inferred
+            from parameter shapes and order (``describe()`` shows what was inferred).
+
+    The update of step t is computed in float32 whatever the parameter dtype. A step whose
+    gradients contain NaN or inf is skipped entirely (parameters and state untouched), with one
+    warning per kind.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0,
+                 learned: LearnedOptimizer | str | os.PathLike | None = None, module: nn.Module | None = None):
+        if lr < 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"invalid weight_decay {weight_decay}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        if learned is None:
+            learned = DEFAULT_PATH
+        self.learned = learned if isinstance(learned, LearnedOptimizer) else load_learned(learned)
+        self.learned.requires_grad_(False)
+        self.module = module
+        self._structure: Structure | None = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ structure
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def structure(self) -> Structure:
+        params = self._params()
+        if self._structure is None or self._structure.num_params != len(params):
+            self._structure = structure_from_module(self.module, params) if self.module is not None \
+                else infer_structure([tuple(p.shape) for p in params])
+        return self._structure
+
+    def describe(self) -> str:
+        """Which parameters form weight-space chains and which go the per-tensor path."""
+        names = [n for g in self.param_groups for n in g.get("param_names", [])] or None
+        return self.structure().describe(names)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._structure = None
+
+    # ------------------------------------------------------------------ step
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self._params()
+        live = [p.grad is not None for p in params]
+        if not any(live):
+            return loss
+        if any(p.grad.is_sparse for p in params if p.grad is not None):
+            raise RuntimeError("MetaNetOptimizer does not support sparse gradients")
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+        if not torch.isfinite(norms).all():
+            kind = "nan" if torch.isnan(norms).any() else "inf"
+            self._warn_once(kind, f"MetaNetOptimizer: {kind} in gradients; skipping this step "
+                                  f"(parameters and optimizer state unchanged)")
+            return loss
+
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            if not st:
+                st["step"] = torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        step = max(float(st["step"]) for st, l in zip(states, live) if l) + 1
+        grads32 = [g.float() for g in grads]
+        c = self.learned.config
+        live_idx = [i for i, l in enumerate(live) if l]
+        m = [states[i]["exp_avg"] for i in live_idx]
+        v = [states[i]["exp_avg_sq"] for i in live_idx]
+        g = [grads32[i] for i in live_idx]
+        torch._foreach_lerp_(m, g, 1 - c.beta1)
+        torch._foreach_mul_(v, c.beta2)
+        torch._foreach_addcmul_(v, g, g, value=1 - c.beta2)
+
+        self.learned.to(params[0].device)
+        deltas = self.learned.direction(
+            None, [p.float().unsqueeze(0) for p in params], [gr.unsqueeze(0) for gr in grads32],
+            [st["exp_avg"].unsqueeze(0) for st in states], [st["exp_avg_sq"].unsqueeze(0) for st in states],
+            step, self.structure())
+        index = {id(p): i for i, p in enumerate(params)}
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                i = index[id(p)]
+                if not live[i]:
+                    continue
+                states[i]["step"] += 1
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(deltas[i].view(p.shape).to(p.dtype), alpha=-lr)
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["learned"] = {"config": self.learned.config.to_dict(),
+                         "params": {k: v.clone() for k, v in self.learned.state_dict().items()}}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        learned = state_dict.pop("learned", None)
+        if learned is not None:
+            try:
+                config = LearnedOptimizerConfig.from_dict(learned["config"])
+            except (KeyError, ValueError, TypeError) as e:
+                raise CheckpointError(f"optimizer state dict: bad learned-optimizer config ({e})") from e
+            new = LearnedOptimizer(config)
+            load_meta_state(new, learned["params"], "optimizer state dict")
+            self.learned = new.requires_grad_(False)
+        params = self._params()
+        saved = state_dict.get("state", {})
+        for idx, st in saved.items():
+            if not isinstance(idx, int) or idx >= len(params):
+                raise CheckpointError(f"optimizer state dict: state for parameter {idx!r}, "
+                                      f"but the optimizer has {len(params)} parameters")
+            for key in _MOMENTS:
+                if key in st and tuple(st[key].shape) != tuple(params[idx].shape):
+                    raise CheckpointError(f"optimizer state dict: {key} of parameter {idx} has shape "
+                                          f"{tuple(st[key].shape)}, the parameter has {tuple(params[idx].shape)}")
+        super().load_state_dict(state_dict)
+        # torch.optim casts state to the parameter dtype; our moments stay float32 (bf16 resume is exact)
+        for idx, st in saved.items():
+            for key in _MOMENTS:
+                if key in st:
+                    self.state[params[idx]][key] = st[key].detach().to(params[idx].device, torch.float32).clone()
+        self._structure = None

@@ -1,0 +1,311 @@
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from _archs import ARCHS, INPUT_SHAPES, mlp
+from metaopt import LearnedOptimizer, MetaNetOptimizer, WeightSpace, random_hidden_perms
+from metaopt.optim import CheckpointError, load_learned, save_learned
+
+
+def random_learned(seed=0, scale=0.3):
+    """A metanetwork far from zero, so the learned part really acts."""
+    torch.manual_seed(seed)
+    learned = LearnedOptimizer()
+    with torch.no_grad():
+        for p in learned.parameters():
+            p.normal_(0, scale)
+    return learned
+
+
+def data(name="mlp3", n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = INPUT_SHAPES[name] if name in INPUT_SHAPES else (ARCHS[name]()[0].in_features,)
+    return torch.randn(n, *shape, generator=g), torch.randn(n, 1, generator=g)
+
+
+def loss_fn(net, x, y):
+    out = net(x)
+    return ((out.mean(-1, keepdim=True) - y) ** 2).mean()
+
+
+def train(net, opt, steps, x, y):
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(net, x, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", ["mlp3", "cnn2d_flatten", "cnn1d"])
+def test_untrained_is_adam(name):
+    torch.manual_seed(0)
+    net = ARCHS[name]()
+    ref = copy.deepcopy(net)
+    x, y = data(name)
+    train(net, MetaNetOptimizer(net.parameters(), lr=1e-2, learned=LearnedOptimizer()), 10, x, y)
+    train(ref, torch.optim.Adam(ref.parameters(), lr=1e-2), 10, x, y)
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_trained_metanetwork_changes_the_update():
+    torch.manual_seed(0)
+    net = mlp(4, 7, 3, 2)
+    ref = copy.deepcopy(net)
+    x, y = data()
+    train(net, MetaNetOptimizer(net.parameters(), lr=1e-2, learned=random_learned()), 3, x, y)
+    train(ref, torch.optim.Adam(ref.parameters(), lr=1e-2), 3, x, y)
+    assert max((a - b).abs().max().item() for a, b in zip(net.parameters(), ref.parameters())) > 1e-3
+
+
+def test_functional_core_matches_the_optimizer():
+    torch.manual_seed(0)
+    net = ARCHS["cnn2d_flatten"]()
+    params0 = [p.detach().clone() for p in net.parameters()]
+    x, y = data("cnn2d_flatten")
+    learned = random_learned()
+    opt = MetaNetOptimizer(net.parameters(), lr=3e-3, weight_decay=0.1, learned=learned)
+    train(net, opt, 4, x, y)
+
+    params = [p[None] for p in params0]
+    state = learned.init(params)
+    meta = dict(learned.named_parameters())
+    functional = copy.deepcopy(net)
+    for step in range(1, 5):
+        grads = torch.func.grad(lambda ps: loss_fn_call(functional, net, ps, x, y))(params)
+        params, state = learned.update(meta, params, grads, state, step, lr=3e-3, weight_decay=0.1)
+    for a, b in zip(net.parameters(), params):
+        torch.testing.assert_close(a, b[0], atol=1e-6, rtol=1e-5)
+
+
+def loss_fn_call(module, named_from, params, x, y):
+    named = {n: p[0] for (n, _), p in zip(named_from.named_parameters(), params)}
+    out = torch.func.functional_call(module, named, (x,))
+    return ((out.mean(-1, keepdim=True) - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("name", ["mlp3", "mlp5", "cnn2d_flatten", "cnn2d_gap"])
+def test_update_is_equivariant_to_hidden_permutations(name):
+    torch.manual_seed(0)
+    net = ARCHS[name]()
+    ws = WeightSpace.from_modules(net)
+    perms = random_hidden_perms(ws.spec, torch.Generator().manual_seed(1))
+    permuted = ws.permute_hidden(perms).to_modules(net)[0]
+    x, y = data(name)
+    learned = random_learned()
+    train(net, MetaNetOptimizer(net.parameters(), lr=1e-2, learned=learned, module=net), 3, x, y)
+    train(permuted, MetaNetOptimizer(permuted.parameters(), lr=1e-2, learned=learned, module=permuted), 3, x, y)
+    expected = WeightSpace.from_modules(net).permute_hidden(perms)
+    got = WeightSpace.from_modules(permuted)
+    for a, b in zip(got.tensors(), expected.tensors()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_update_notices_uncoupled_permutations():
+    """Sensitivity: permute rows of W_0 and b_0 in *every* input (params, grads, moments) but not
+    the columns of W_1. A per-tensor rule such as Adam returns exactly the row-permuted update for
+    W_0; a metanetwork that reads the neighbouring layer through the shared neurons must not."""
+    torch.manual_seed(0)
+    shapes = [(7, 4), (7,), (3, 7), (3,)]
+    inputs = [[torch.randn(1, *s) for s in shapes] for _ in range(4)]  # params, grads, exp_avg, exp_avg_sq
+    inputs[3] = [v.abs() for v in inputs[3]]
+    p = torch.randperm(7, generator=torch.Generator().manual_seed(3))
+    uncoupled = [[t[:, p] if i < 2 else t for i, t in enumerate(ts)] for ts in inputs]
+    learned = random_learned()
+    for rule, should_notice in ((LearnedOptimizer(), False), (learned, True)):
+        with torch.no_grad():
+            d = rule.direction(None, *inputs, step=5)
+            d_unc = rule.direction(None, *uncoupled, step=5)
+        gap = (d_unc[0] - d[0][:, p]).abs().max().item()
+        assert (gap > 1e-4) == should_notice, (rule, gap)
+
+
+def test_param_groups_lr_weight_decay_and_closure():
+    torch.manual_seed(0)
+    net = mlp(3, 5, 2)
+    opt = MetaNetOptimizer([{"params": net[0].parameters(), "lr": 0.0},
+                            {"params": net[2].parameters(), "lr": 1e-2, "weight_decay": 0.5}],
+                           learned=LearnedOptimizer())
+    frozen = [q.detach().clone() for q in net[0].parameters()]
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(net, x, y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    torch.testing.assert_close(loss, loss_fn(net, x, y) * 0 + loss)  # the closure's loss is returned
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+    for a, b in zip(net[0].parameters(), frozen):
+        assert torch.equal(a, b)  # lr 0 group did not move
+    opt.zero_grad()
+    assert all(q.grad is None for q in net.parameters())
+
+
+def test_named_parameters_and_describe():
+    net = mlp(3, 5, 2)
+    opt = MetaNetOptimizer(net.named_parameters(), learned=LearnedOptimizer())
+    text = opt.describe()
+    assert "0.weight+0.bias -> 2.weight+2.bias" in text
+
+
+def test_lr_scheduler_drives_the_step_size():
+    torch.manual_seed(0)
+    net = mlp(3, 5, 2)
+    opt = MetaNetOptimizer(net.parameters(), lr=1e-2, learned=LearnedOptimizer())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.0)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    train(net, opt, 1, x, y)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    before = [q.detach().clone() for q in net.parameters()]
+    train(net, opt, 1, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), before))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_is_bit_exact(dtype, tmp_path):
+    torch.manual_seed(0)
+    net = mlp(4, 7, 3, 2).to(dtype)
+    x, y = data()
+    x, y = x.to(dtype), y.to(dtype)
+    learned = random_learned()
+    opt = MetaNetOptimizer(net.parameters(), lr=1e-2, learned=learned)
+    train(net, opt, 3, x, y)
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    train(net, opt, 3, x, y)
+
+    net2 = mlp(4, 7, 3, 2).to(dtype)
+    opt2 = MetaNetOptimizer(net2.parameters(), lr=1e-2, learned=LearnedOptimizer())  # metanet comes from the file
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    net2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    train(net2, opt2, 3, x, y)
+    for a, b in zip(net.parameters(), net2.parameters()):
+        assert a.dtype == dtype and torch.equal(a, b)
+
+
+def test_non_finite_gradients_skip_the_step_and_warn_once():
+    torch.manual_seed(0)
+    net = mlp(3, 5, 2)
+    opt = MetaNetOptimizer(net.parameters(), lr=1e-2, learned=random_learned())
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    train(net, opt, 2, x, y)
+    params = [q.detach().clone() for q in net.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for bad in (float("nan"), float("nan"), float("inf")):
+            opt.zero_grad()
+            loss_fn(net, x, y).backward()
+            net[0].weight.grad[0, 0] = bad
+            opt.step()
+    messages = [str(w.message) for w in caught]
+    assert sum("nan in gradients" in m for m in messages) == 1 and sum("inf in gradients" in m for m in messages) == 1
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), params))
+    for k, st in opt.state_dict()["state"].items():
+        assert all(torch.equal(st[key], state[k][key]) for key in st)
+    train(net, opt, 1, x, y)  # and it carries on afterwards
+    assert all(torch.isfinite(q).all() for q in net.parameters())
+
+
+def test_non_finite_metanetwork_output_falls_back_to_adam():
+    torch.manual_seed(0)
+    net = mlp(3, 5, 2)
+    ref = copy.deepcopy(net)
+    broken = LearnedOptimizer()
+    with torch.no_grad():
+        broken.layers[-1].bias.fill_(float("nan"))
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    train(net, MetaNetOptimizer(net.parameters(), lr=1e-2, learned=broken), 3, x, y)
+    train(ref, torch.optim.Adam(ref.parameters(), lr=1e-2), 3, x, y)
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_any_model_trains_every_tensor():
+    torch.manual_seed(0)
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(11, 8)
+            self.block = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.norm = nn.LayerNorm(8)
+            self.head = nn.Linear(8, 11, bias=False)
+
+        def forward(self, tokens):
+            return self.head(self.norm(self.block(self.embed(tokens))))
+
+    model = Tiny()
+    before = {n: q.detach().clone() for n, q in model.named_parameters()}
+    opt = MetaNetOptimizer(model.parameters(), lr=1e-2, learned=random_learned(), module=model)
+    tokens = torch.randint(0, 11, (4, 6))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+        opt.step()
+    for n, q in model.named_parameters():
+        assert torch.isfinite(q).all(), n
+        assert not torch.equal(q, before[n]), f"{n} was not optimized"
+    assert "lone" in opt.describe()
+
+
+def test_learned_checkpoint_round_trip_and_errors(tmp_path):
+    learned = random_learned()
+    path = tmp_path / "opt.safetensors"
+    save_learned(learned, path)
+    again = load_learned(path)
+    for (n, a), (_, b) in zip(learned.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_learned(corrupt)
+    with pytest.raises(CheckpointError, match="no such"):
+        load_learned(tmp_path / "missing.safetensors")
+
+    from safetensors.torch import save_file
+    import json
+    tensors = {k: v.contiguous() for k, v in learned.state_dict().items()}
+    meta = {"format": "metaopt-learned-optimizer", "config": json.dumps(learned.config.to_dict())}
+    save_file(tensors, tmp_path / "v99.safetensors", metadata={**meta, "version": "99"})
+    with pytest.raises(CheckpointError, match="version"):
+        load_learned(tmp_path / "v99.safetensors")
+    wrong = dict(tensors)
+    wrong["layers.0.bias"] = torch.zeros(5)
+    save_file(wrong, tmp_path / "shape.safetensors", metadata={**meta, "version": "1"})
+    with pytest.raises(CheckpointError, match="wrong shape for layers.0.bias"):
+        load_learned(tmp_path / "shape.safetensors")
+
+
+def test_optimizer_state_with_wrong_shapes_is_rejected():
+    a, b = mlp(3, 5, 2), mlp(3, 6, 2)
+    opt_a = MetaNetOptimizer(a.parameters(), learned=LearnedOptimizer())
+    train(a, opt_a, 1, torch.randn(4, 3), torch.randn(4, 1))
+    opt_b = MetaNetOptimizer(b.parameters(), learned=LearnedOptimizer())
+    with pytest.raises(CheckpointError, match="exp_avg of parameter 0 has shape"):
+        opt_b.load_state_dict(opt_a.state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    torch.manual_seed(0)
+    net = mlp(4, 7, 3, 2)
+    gpu = copy.deepcopy(net).cuda()
+    x, y = data()
+    learned = random_learned()
+    train(net, MetaNetOptimizer(net.parameters(), lr=1e-2, learned=learned), 3, x, y)
+    train(gpu, MetaNetOptimizer(gpu.parameters(), lr=1e-2, learned=copy.deepcopy(learned)), 3, x.cuda(), y.cuda())
+    for a, b in zip(net.parameters(), gpu.parameters()):
+        torch.testing.assert_close(a, b.cpu(), atol=1e-4, rtol=1e-3)
