@@ -1,0 +1,317 @@
+"""INR fitting: a SIREN fitted to one signal (an image, or a 1-D sine wave); metric PSNR.
+
+Recipe (used by every INR task here and by the benchmark):
+
+* inputs: the pixel grid, each axis ``linspace(-1, 1, n)`` (28x28 for Fashion-MNIST, 8x8
+  for digits, ``points`` for sine waves), flattened row-major; coordinate 0 is the row;
+* network: SIREN ``in -> hidden... -> 1``, default 2->32->32->1; every hidden layer is
+  ``sin(w0 (W x + b))`` with ``w0 = 30``; the last layer is linear;
+* init (Sitzmann et al. 2020): first layer weights U(+-1/n_in), later weights
+  U(+-sqrt(6/n_in)/w0); biases keep nn.Linear's default U(+-1/sqrt(n_in)), as in the
+  reference SIREN code, so the first layer's phases are spread over many periods;
+* prediction ``net(x) + 0.5`` against targets in [0, 1], so a zero-output net predicts
+  mid-grey; loss: mean squared error over all pixels; ``psnr = 10 log10(1 / mse)``.
+
+:func:`fit_inrs` trains a whole population with a hand-written forward/backward and one
+fused Adam update over a flat parameter buffer, which is how the INR throughput benchmark
+runs; the functional :meth:`INRTask.loss` is the reference it is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .base import Batch, Network, Params, Population, Sine, Task, TaskFamily, choose
+from .data import FASHION_MNIST_DIR, load_images, sine_wave
+
+INR_DATASETS = ("fashion_mnist", "fashion_mnist_8x8", "digits", "sine")
+
+
+def siren_bounds(w0: float):
+    def bounds(position: int, fan_in: int) -> tuple[float, float]:
+        weight = 1.0 / fan_in if position == 0 else math.sqrt(6.0 / fan_in) / w0
+        return weight, 1.0 / math.sqrt(fan_in)
+
+    return bounds
+
+
+def siren(in_features: int = 2, hidden: Sequence[int] = (32, 32), out_features: int = 1, w0: float = 30.0) -> Network:
+    """SIREN as ``nn.Sequential(Linear, Sine, ..., Linear)`` with the init of the module docstring."""
+    if not hidden:
+        raise ValueError("a SIREN needs at least one hidden (sine) layer")
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), Sine(w0)]
+        width = h
+    layers.append(nn.Linear(width, out_features))
+    name = f"siren[{'-'.join(map(str, (in_features, *hidden, out_features)))},w0={w0:g}]"
+    return Network(layers, name, init=siren_bounds(w0))
+
+
+def grid(shape: Sequence[int]) -> tuple[list[Tensor], Tensor]:
+    """Per-axis coordinates in [-1, 1] and the flattened grid ``[prod(shape), len(shape)]``."""
+    axes = [torch.linspace(-1.0, 1.0, n) for n in shape]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
+    return axes, coords
+
+
+def psnr(mse: Tensor) -> Tensor:
+    """Peak signal-to-noise ratio in dB for signals in [0, 1]."""
+    return 10.0 * torch.log10(1.0 / mse)
+
+
+class INRData(NamedTuple):
+    axes: list[Tensor]
+    coords: Tensor  # [N, d]
+    targets: Tensor  # [P, N, 1]
+
+
+class INRTask(Task):
+    """Fit a SIREN to one signal in [0, 1] (an image ``[H, W]`` or a 1-D wave ``[L]``).
+
+    Every batch is the whole signal: INR fitting here is full-batch, so the generator
+    passed to ``sample_batch`` is not used.
+    """
+
+    def __init__(self, network: Network, signal: Tensor, seed: int):
+        super().__init__(network, seed)
+        if signal.dim() not in (1, 2):
+            raise ValueError(f"INR signals must be [L] or [H, W], got shape {tuple(signal.shape)}")
+        in_features = network.shapes["0.weight"][1]
+        if in_features != signal.dim():
+            raise ValueError(f"{network.name} takes {in_features}-D coordinates, the signal is {signal.dim()}-D")
+        self.signal = signal.float()
+
+    def population_key(self) -> tuple:
+        return super().population_key() + (tuple(self.signal.shape),)
+
+    @classmethod
+    def stack_data(cls, tasks: Sequence["INRTask"]) -> INRData:
+        axes, coords = grid(tasks[0].signal.shape)
+        targets = torch.stack([t.signal.reshape(-1, 1) for t in tasks])
+        return INRData(axes, coords, targets)
+
+    def batch_from(self, data: INRData, generator: torch.Generator | None) -> Batch:
+        P = data.targets.shape[0]
+        return Batch(data.coords.expand(P, *data.coords.shape), data.targets)
+
+    def losses(self, params: Params, batch: Batch) -> Tensor:
+        prediction = self.network.forward(params, batch.inputs) + 0.5
+        if prediction.shape != batch.targets.shape:
+            raise ValueError(f"predictions {tuple(prediction.shape)} do not match targets {tuple(batch.targets.shape)}")
+        return (prediction - batch.targets).square().mean(dim=(1, 2))
+
+    def metrics(self, data: INRData, params: Params) -> dict[str, Tensor]:
+        mse = self.losses(params, self.batch_from(data, None))
+        return {"psnr": psnr(mse), "mse": mse}
+
+    @torch.no_grad()
+    def render(self, params: Params) -> Tensor:
+        """The fitted signal, shaped like the target."""
+        return (self.network.forward({k: v[None] for k, v in params.items()}, self.data.coords[None])[0] + 0.5).reshape(
+            self.signal.shape
+        )
+
+
+class INRFamily(TaskFamily):
+    """SIRENs fitted to images of one dataset (or to sine waves); members differ in the signal.
+
+    ``widths`` and ``depths`` (number of sine layers) are sampled per population; the
+    image is picked by the task seed among the first ``images`` images of ``split``.
+    """
+
+    name = "inr"
+
+    def __init__(self, dataset: str = "fashion_mnist", widths: Sequence[int] = (16, 32), depths: Sequence[int] = (1, 2),
+                 w0: float = 30.0, images: int = 1000, split: str = "train", points: int = 128,
+                 path: str = FASHION_MNIST_DIR):
+        if dataset not in INR_DATASETS:
+            raise ValueError(f"unknown INR dataset {dataset!r}; known: {INR_DATASETS}")
+        self.dataset, self.widths, self.depths, self.w0 = dataset, tuple(widths), tuple(depths), w0
+        self.points = points
+        self.images = None if dataset == "sine" else load_images(dataset, split, images, path)[0]
+
+    def sample_config(self, rng: np.random.Generator) -> dict:
+        return {"width": choose(rng, self.widths, "widths"), "depth": choose(rng, self.depths, "depths")}
+
+    def make_task(self, config: dict, seed: int) -> INRTask:
+        if self.images is None:
+            signal = sine_wave(seed, self.points)
+        else:
+            signal = self.images[int(np.random.default_rng([seed, 2]).integers(len(self.images)))]
+        net = siren(signal.dim(), [config["width"]] * config["depth"], 1, self.w0)
+        return INRTask(net, signal, seed)
+
+
+# ---------------------------------------------------------------------------------------
+# Fast population fitting: hand-written backward + fused Adam.
+
+
+class _Layer(NamedTuple):
+    weight: Tensor
+    bias: Tensor
+
+
+class SirenFit:
+    """Adam on a population of SIRENs over the full pixel grid, without autograd.
+
+    Why it is faster than autograd on ``Population.loss``:
+
+    * the first sine layer on a grid factorises: ``sin(a_i + b_j) = sin a_i cos b_j +
+      cos a_i sin b_j`` (angle addition), so it needs sines of ``n_rows + n_cols`` values
+      instead of ``n_rows * n_cols``, and the same for the cosine of its backward pass;
+    * the backward pass reuses forward buffers in place and folds ``w0`` into ``baddbmm``;
+    * all members' parameters live in one flat ``[P, D]`` buffer, so Adam is a handful of
+      big tensor ops for the whole population;
+    * members run in chunks so a chunk's activations stay in cache.
+    """
+
+    def __init__(self, population: Population, seeds: Sequence[int], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, chunk: int = 16,
+                 compile: bool = False):
+        task = population.tasks[0]
+        if not isinstance(task, INRTask):
+            raise TypeError(f"SirenFit fits INR tasks, got {type(task).__name__}")
+        layers = list(population.network.template)
+        self.w0 = layers[1].w0
+        self.shape = tuple(task.signal.shape)
+        if len(self.shape) not in (1, 2):
+            raise ValueError(f"SirenFit handles 1-D and 2-D grids, got {self.shape}")
+        data = population.data
+        self.axes = data.axes
+        self.targets = data.targets  # [P, N, 1]
+        self.lr, self.betas, self.eps = lr, betas, eps
+
+        init = population.init_params(seeds)
+        self.names = list(init)
+        self.flat = torch.cat([init[k].flatten(1) for k in self.names], dim=1)  # [P, D]
+        self.grad = torch.zeros_like(self.flat)
+        self.m = torch.zeros_like(self.flat)
+        self.v = torch.zeros_like(self.flat)
+        self.t = 0
+        self.shapes = [init[k].shape[1:] for k in self.names]
+        P = len(population)
+        bounds = [(c, min(c + chunk, P)) for c in range(0, P, chunk)]
+        self.chunks = [(self._views(self.flat[a:b]), self._views(self.grad[a:b]), self.targets[a:b]) for a, b in bounds]
+        self._loss_and_grads = self._loss_and_grads_eager
+        if compile:
+            self._loss_and_grads = self._try_compile()
+
+    def _try_compile(self):
+        """The compiled step, or the eager one (with a warning) when compilation fails."""
+        compiled = torch.compile(self._loss_and_grads_eager, dynamic=False)
+        try:
+            for layers, _, targets in self.chunks:  # compile every chunk shape now, not mid-run
+                compiled(layers, targets)
+        except Exception as err:  # compiler missing or unsupported platform
+            import warnings
+
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); SirenFit runs eagerly")
+            return self._loss_and_grads_eager
+        return compiled
+
+    def _views(self, flat: Tensor) -> list[_Layer]:
+        """Per-layer (weight, bias) views into a flat ``[p, D]`` buffer."""
+        views, offset = [], 0
+        for shape in self.shapes:
+            n = math.prod(shape)
+            views.append(flat[:, offset:offset + n].view(flat.shape[0], *shape))
+            offset += n
+        return [_Layer(views[i], views[i + 1]) for i in range(0, len(views), 2)]
+
+    def params(self) -> Params:
+        """Current parameters, stacked (a copy)."""
+        views = [t for layer in self._views(self.flat) for t in layer]
+        return {name: view.clone() for name, view in zip(self.names, views)}
+
+    def _first_layer(self, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """Sine and cosine of the first layer's pre-activation on the grid, ``[p, N, H]``."""
+        w0 = self.w0
+        a = w0 * torch.addcmul(b[:, None, :], self.axes[0][None, :, None], w[:, None, :, 0])  # [p, n0, H]
+        if len(self.axes) == 1:
+            return torch.sin(a), torch.cos(a)
+        c = w0 * (self.axes[1][None, :, None] * w[:, None, :, 1])  # [p, n1, H]
+        sa, ca, sc, cc = torch.sin(a)[:, :, None], torch.cos(a)[:, :, None], torch.sin(c)[:, None], torch.cos(c)[:, None]
+        p, H = w.shape[0], w.shape[1]
+        sin = torch.mul(sa, cc).addcmul_(ca, sc).view(p, -1, H)
+        cos = torch.mul(ca, cc).addcmul_(sa, sc, value=-1.0).view(p, -1, H)
+        return sin, cos
+
+    def _first_layer_grads(self, dz: Tensor) -> list[Tensor]:
+        """Weight and bias gradients of the first layer from ``dz`` of shape ``[p, n0, (n1,) H]``.
+
+        The pre-activation is ``w0 (u_i W[:, 0] + v_j W[:, 1] + b)``, so only the row and
+        column sums of ``dz`` are needed (two reductions, cheaper than a [H, N] x [N, 3] matmul).
+        """
+        w0 = self.w0
+        rows = dz.sum(2) if dz.dim() == 4 else dz  # [p, n0, H]
+        weight = [torch.einsum("pih,i->ph", rows, self.axes[0])]
+        if dz.dim() == 4:
+            weight.append(torch.einsum("pjh,j->ph", dz.sum(1), self.axes[1]))
+        return [torch.stack(weight, dim=-1).mul_(w0), rows.sum(1).mul_(w0)]
+
+    def _loss_and_grads_eager(self, layers: list[_Layer], targets: Tensor) -> tuple[Tensor, list[Tensor]]:
+        w0 = self.w0
+        N = targets.shape[1]
+        h, cos1 = self._first_layer(*layers[0])
+        inputs, pre = [h], []  # inputs of the later layers; pre-activations of the hidden ones
+        for layer in layers[1:-1]:
+            a = torch.baddbmm(w0 * layer.bias[:, None, :], h, (w0 * layer.weight).transpose(1, 2))
+            h = torch.sin(a)
+            pre.append(a)
+            inputs.append(h)
+        last = layers[-1]
+        residual = torch.baddbmm(last.bias[:, None, :], h, last.weight.transpose(1, 2)).add_(0.5).sub_(targets)
+        mse = residual.square().mean(dim=(1, 2))
+
+        g = residual.mul_(2.0 / N)  # dL/d(output), [p, N, 1]
+        grads = [torch.bmm(g.transpose(1, 2), h), g.sum(1)]
+        dh = g * last.weight  # [p, N, H]
+        for layer, a, h_in in zip(reversed(layers[1:-1]), reversed(pre), reversed(inputs[:-1])):
+            dz = dh.mul_(a.cos_())  # dL/da, overwriting dh and the spent pre-activation
+            grads = [torch.bmm(dz.transpose(1, 2), h_in).mul_(w0), dz.sum(1).mul_(w0)] + grads
+            dh = torch.bmm(dz, w0 * layer.weight)
+        dz = dh.mul_(cos1).view(dh.shape[0], *self.shape, -1)  # dL/d(first pre-activation), on the grid
+        grads = self._first_layer_grads(dz) + grads
+        return mse, grads
+
+    def step(self) -> Tensor:
+        """One Adam step for every member; returns each member's mse before the step."""
+        losses = []
+        for layers, grad_views, targets in self.chunks:
+            mse, grads = self._loss_and_grads(layers, targets)
+            for view, g in zip((t for layer in grad_views for t in layer), grads):
+                view.copy_(g)
+            losses.append(mse)
+        self._adam()
+        return torch.cat(losses)
+
+    def _adam(self) -> None:
+        # Same update as torch.optim.Adam (no weight decay), for all members in one go.
+        self.t += 1
+        b1, b2 = self.betas
+        self.m.lerp_(self.grad, 1 - b1)
+        self.v.mul_(b2).addcmul_(self.grad, self.grad, value=1 - b2)
+        denom = (self.v.sqrt() / math.sqrt(1 - b2**self.t)).add_(self.eps)
+        self.flat.addcdiv_(self.m, denom, value=-self.lr / (1 - b1**self.t))
+
+
+def fit_inrs(population: Population, seeds: Sequence[int], steps: int = 1000, lr: float = 1e-3,
+             chunk: int = 16, compile: bool = False) -> tuple[Params, Tensor]:
+    """Fit every member of an INR population with Adam; returns params and the final mse [P].
+
+    ``compile=True`` runs the step through ``torch.compile`` when it is available and falls
+    back to eager execution (with a warning) when compilation fails.
+    """
+    fit = SirenFit(population, seeds, lr=lr, chunk=chunk, compile=compile)
+    for _ in range(steps):
+        fit.step()
+    with torch.no_grad():
+        final = population.loss(fit.params(), population.sample_batch(None))
+    return fit.params(), final
