@@ -1,0 +1,101 @@
+"""Named task suites: what ``--suite NAME`` meta-trains on.
+
+A :class:`Suite` builds a :class:`~meta_train.problem.MetaProblem` from the run's config and
+carries the config defaults that suit it (shorter horizons for tiny tasks, ...). Suites are plain
+registry entries, so a project or notebook can add its own with :func:`register_suite`.
+
+Registered here:
+
+* ``tiny``: :class:`~meta_train.toy.NoisyLinearRegression` tasks, meta-training the two
+  hyperparameters of :class:`~meta_train.toy.LearnedMomentumSGD` (a stand-in until
+  ``metaopt.LearnedOptimizer`` exists). A few outer steps take seconds: smoke tests and CI.
+* ``small`` (CPU) and ``large`` (GPU): placeholders for the ``tasks/`` families (8x8 classifiers and
+  short INR fits; larger classifiers, INRs and RL policies). They raise :class:`SuiteUnavailable`
+  until wired.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .config import Config
+from .problem import LearnedOptimizerProblem, MetaProblem, RandomRescale
+
+__all__ = ["Suite", "SuiteUnavailable", "SUITES", "register_suite", "get_suite", "build_problem"]
+
+
+class SuiteUnavailable(RuntimeError):
+    """A registered suite whose task families (or optimizer) are not available in this checkout."""
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    build: Callable[[Config, torch.device], MetaProblem]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+SUITES: dict[str, Suite] = {}
+
+
+def register_suite(suite: Suite, *, replace: bool = False) -> Suite:
+    if suite.name in SUITES and not replace:
+        raise ValueError(f"suite {suite.name!r} is already registered (pass replace=True to override it)")
+    unknown = set(suite.defaults) - set(Config.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"suite {suite.name!r} sets unknown config defaults {sorted(unknown)}")
+    SUITES[suite.name] = suite
+    return suite
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise KeyError(f"unknown suite {name!r}; registered: {sorted(SUITES)}")
+    return SUITES[name]
+
+
+def build_problem(config: Config, device: torch.device | str = "cpu") -> MetaProblem:
+    return get_suite(config.suite).build(config, torch.device(device))
+
+
+def problem_options(config: Config, device: torch.device) -> dict[str, Any]:
+    """The LearnedOptimizerProblem options every suite takes from the config."""
+    return {"second_order": config.second_order, "meta_loss": "val" if config.meta_loss == "val" else "train",
+            "augment": RandomRescale(config.augment_scale) if config.augment_scale else None, "device": device}
+
+
+def _tiny(config: Config, device: torch.device) -> MetaProblem:
+    from .toy import LearnedMomentumSGD, NoisyLinearRegression
+    family = NoisyLinearRegression(dim=8, batch_size=16, noise=0.1, max_condition=10.0, device=device)
+    return LearnedOptimizerProblem(LearnedMomentumSGD(lr=3e-3, momentum=0.5), family,
+                                   **problem_options(config, device))
+
+
+register_suite(Suite(
+    "tiny", "noisy linear regression (d=8); learns SGD-momentum's log-lr and momentum; seconds on a CPU",
+    _tiny, defaults={"tasks_per_group": 4, "truncation_length": 5, "min_horizon": 10, "max_horizon": 40,
+                     "outer_lr": 0.05, "clip_grad_norm": 10.0, "eval_tasks": 4, "eval_steps": 40,
+                     "checkpoint_every": 10}))
+
+
+def _pending(name: str, needs: str) -> Callable[[Config, torch.device], MetaProblem]:
+    def build(config: Config, device: torch.device) -> MetaProblem:
+        raise SuiteUnavailable(f"suite {name!r} needs {needs}, which this checkout does not wire yet; "
+                               f"registered suites: {sorted(SUITES)}")
+    return build
+
+
+register_suite(Suite(
+    "small", "CPU: 8x8 image classifiers and short INR fits (tasks/), metaopt.LearnedOptimizer",
+    _pending("small", "tasks/ classifier and INR families and metaopt.LearnedOptimizer"),
+    defaults={"tasks_per_group": 8, "truncation_length": 10, "min_horizon": 50, "max_horizon": 500,
+              "num_groups": 2, "eval_steps": 500}))
+register_suite(Suite(
+    "large", "GPU: larger classifiers, INRs and RL policies (tasks/), metaopt.LearnedOptimizer",
+    _pending("large", "tasks/ families and metaopt.LearnedOptimizer"),
+    defaults={"tasks_per_group": 32, "truncation_length": 20, "min_horizon": 100, "max_horizon": 2000,
+              "num_groups": 8, "eval_steps": 2000}))
