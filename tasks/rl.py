@@ -12,7 +12,8 @@ function: it rolls the policy out for ``horizon`` steps, and returns
 ``-sum_t log pi(a_t|s_t) * A_t`` averaged over episodes, where ``A_t`` is the discounted
 return-to-go minus the mean over the episodes still running at step t, scaled to unit
 variance.  Rewards and dynamics are not differentiated.  Metric: undiscounted return of
-the deterministic policy (argmax / mean action) over full-length episodes.
+the deterministic policy (argmax / mean action) over ``eval_steps`` steps (default: the
+env's full episode length).
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ class RLTask(Task):
     """Train a policy network on one env with REINFORCE (see the module docstring)."""
 
     def __init__(self, network: Network, env: BatchedEnv, seed: int, episodes: int = 32, horizon: int | None = None,
-                 gamma: float = 0.99, action_std: float = 0.5, eval_episodes: int = 16):
+                 gamma: float = 0.99, action_std: float = 0.5, eval_episodes: int = 16, eval_steps: int | None = None):
         super().__init__(network, seed)
         outputs = network.shapes[f"{len(network.template) - 1}.weight"][0]
         if network.shapes["0.weight"][1] != env.obs_dim or outputs != env.policy_outputs:
@@ -237,11 +238,11 @@ class RLTask(Task):
                              f"to {env.policy_outputs} outputs")
         self.env, self.episodes, self.gamma, self.action_std = env, episodes, gamma, action_std
         self.horizon = min(horizon or 200, env.max_steps)
-        self.eval_episodes = eval_episodes
+        self.eval_episodes, self.eval_steps = eval_episodes, min(eval_steps or env.max_steps, env.max_steps)
 
     def population_key(self) -> tuple:
         return super().population_key() + (self.env.env_id, self.episodes, self.horizon, self.gamma,
-                                           self.action_std, self.eval_episodes)
+                                           self.action_std, self.eval_episodes, self.eval_steps)
 
     @classmethod
     def stack_data(cls, tasks: Sequence["RLTask"]) -> RLData:
@@ -287,7 +288,8 @@ class RLTask(Task):
         return -(torch.stack(logps) * advantage).sum(0).mean(-1)
 
     def metrics(self, data: RLData, params: Params) -> dict[str, Tensor]:
-        return {"return": episode_returns(self.network, params, self.env, data.eval_states).mean(-1).float()}
+        returns = episode_returns(self.network, params, self.env, data.eval_states, self.eval_steps)
+        return {"return": returns.mean(-1).float()}
 
 
 def policy_network(env: BatchedEnv, hidden: Sequence[int], act: str = "tanh") -> Network:
@@ -306,11 +308,11 @@ class RLFamily(TaskFamily):
     def __init__(self, envs: Sequence[str] = ("CartPole-v1", "Acrobot-v1", "Pendulum-v1"),
                  widths: Sequence[int] = (16, 32, 64), depths: Sequence[int] = (1, 2),
                  activations: Sequence[str] = ("tanh", "relu"), episodes: int = 32, horizon: int | None = None,
-                 gamma: float = 0.99, action_std: float = 0.5, eval_episodes: int = 16):
+                 gamma: float = 0.99, action_std: float = 0.5, eval_episodes: int = 16, eval_steps: int | None = None):
         self.envs = [make_env(e) for e in envs]
         self.widths, self.depths, self.activations = tuple(widths), tuple(depths), tuple(activations)
         self.kwargs = dict(episodes=episodes, horizon=horizon, gamma=gamma, action_std=action_std,
-                           eval_episodes=eval_episodes)
+                           eval_episodes=eval_episodes, eval_steps=eval_steps)
 
     def sample_config(self, rng: np.random.Generator) -> dict:
         return {

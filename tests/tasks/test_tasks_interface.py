@@ -18,7 +18,7 @@ FAMILIES = {
     "rl-cartpole": lambda: tasks.RLFamily(("CartPole-v1",), widths=(8,), depths=(1,), episodes=4, horizon=12,
                                           eval_episodes=2),
     "rl-acrobot": lambda: tasks.RLFamily(("Acrobot-v1",), widths=(8,), depths=(1,), episodes=4, horizon=6,
-                                         eval_episodes=1),
+                                         eval_episodes=2, eval_steps=60),
     "rl-pendulum": lambda: tasks.RLFamily(("Pendulum-v1",), widths=(8,), depths=(2,), episodes=4, horizon=8,
                                           eval_episodes=2),
 }

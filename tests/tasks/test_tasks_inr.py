@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+
+import tasks
+from tasks import INRTask, Population, fit_inrs, psnr, siren
+from tasks.data import load_digits, sine_wave
+
+
+def digits_population(n, hidden=(16, 16)):
+    images = load_digits("train")[0][:n]
+    return Population([INRTask(siren(2, hidden), images[i], i) for i in range(n)])
+
+
+def test_siren_init_follows_the_recipe():
+    net = siren(2, (32, 32), 1, w0=30.0)
+    p = net.init_params(0)
+    bounds = {"0.weight": 1 / 2, "2.weight": math.sqrt(6 / 32) / 30, "4.weight": math.sqrt(6 / 32) / 30,
+              "0.bias": 1 / math.sqrt(2), "2.bias": 1 / math.sqrt(32), "4.bias": 1 / math.sqrt(32)}
+    for name, bound in bounds.items():
+        assert p[name].abs().max() <= bound
+        if p[name].numel() >= 32:
+            assert p[name].abs().max() > 0.8 * bound  # uses the whole range
+    assert [type(m).__name__ for m in net.module()] == ["Linear", "Sine", "Linear", "Sine", "Linear"]
+    assert net.template[1].w0 == 30.0 and net.template[3].w0 == 30.0
+
+
+def test_grid_is_row_major_in_minus_one_one():
+    axes, coords = tasks.grid((3, 4))
+    assert coords.shape == (12, 2)
+    assert coords[0].tolist() == [-1.0, -1.0] and coords[-1].tolist() == [1.0, 1.0]
+    assert coords[1].tolist() == pytest.approx([-1.0, -1.0 + 2 / 3])  # second coordinate is the column
+
+
+def test_psnr_of_known_images():
+    assert psnr(torch.tensor(0.01)).item() == pytest.approx(20.0)
+    assert psnr(torch.tensor(1e-4)).item() == pytest.approx(40.0)
+    image = torch.zeros(8, 8)
+    image[:, 4:] = 1.0  # half black, half white
+    task = INRTask(siren(2, (8,)), image, seed=0)
+    zero = {k: torch.zeros_like(v) for k, v in task.init_params(0).items()}
+    # a zero network predicts 0.5 everywhere: mse 0.25, psnr 10 log10(4)
+    assert task.evaluate(zero)["psnr"] == pytest.approx(10 * math.log10(4), rel=1e-5)
+    assert torch.allclose(task.render(zero), torch.full((8, 8), 0.5))
+
+
+def test_signal_and_network_must_agree():
+    with pytest.raises(ValueError, match="2-D coordinates"):
+        INRTask(siren(2, (8,)), sine_wave(0, 16), seed=0)
+    with pytest.raises(ValueError, match=r"\[L\] or \[H, W\]"):
+        INRTask(siren(2, (8,)), torch.zeros(2, 3, 4), seed=0)
+    with pytest.raises(ValueError, match="unknown INR dataset"):
+        tasks.INRFamily("cifar10")
+
+
+@pytest.mark.parametrize("shape,hidden", [((8, 8), (16, 16)), ((8, 8), (8, 12, 8)), ((32,), (16,))])
+def test_fast_gradients_equal_autograd(shape, hidden):
+    n = 5
+    if len(shape) == 2:
+        signals = load_digits("train")[0][:n]
+    else:
+        signals = torch.stack([sine_wave(i, shape[0]) for i in range(n)])
+    pop = Population([INRTask(siren(len(shape), hidden), signals[i], i) for i in range(n)])
+    seeds = [10, 11, 12, 13, 14]
+    fit = tasks.SirenFit(pop, seeds, chunk=2)  # chunks of 2, 2, 1
+    params = {k: v.requires_grad_() for k, v in pop.init_params(seeds).items()}
+    losses = pop.loss(params, pop.sample_batch(None))
+    losses.sum().backward()
+    fast_losses = fit.step()
+    assert torch.allclose(fast_losses, losses.detach(), rtol=1e-5)
+    for (name, p), g in zip(params.items(), fit.grad.split([v[0].numel() for v in params.values()], dim=1)):
+        assert torch.allclose(g.view_as(p), p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max()), name
+
+
+def test_fit_inrs_is_adam():
+    pop = digits_population(3)
+    seeds = [0, 1, 2]
+    fast, _ = fit_inrs(pop, seeds, steps=5, lr=1e-3, chunk=2)
+    slow, _ = tasks.train_population(pop, lambda ps: torch.optim.Adam(ps, lr=1e-3), 5, seeds)
+    for name in fast:
+        assert torch.allclose(fast[name], slow[name], atol=1e-6), name
+
+
+def test_fitting_raises_psnr():
+    pop = digits_population(4)
+    before = pop.evaluate(pop.init_params([0, 1, 2, 3]))["psnr"]
+    params, mse = fit_inrs(pop, [0, 1, 2, 3], steps=150, lr=1e-3)
+    after = pop.evaluate(params)["psnr"]
+    assert torch.allclose(after, psnr(mse))
+    assert (after > before + 10).all() and (after > 25).all()
+
+
+def test_train_loop_decreases_inr_loss():
+    task = tasks.INRFamily("sine", widths=(16,), depths=(2,), points=64).sample(0)
+    losses = tasks.train(task, lambda ps: torch.optim.Adam(ps, lr=1e-3), steps=60, seed=0)
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_family_picks_signals_by_seed():
+    family = tasks.INRFamily("digits", widths=(8, 16), depths=(1, 2), images=50)
+    a, b, c = family.sample(1), family.sample(1), family.sample(2)
+    assert torch.equal(a.signal, b.signal) and a.network.name == b.network.name
+    pop = family.population(1, 4)
+    assert len({t.network.name for t in pop.tasks}) == 1
+    assert len({t.signal.sum().item() for t in pop.tasks}) > 1  # members fit different images
+    assert not (torch.equal(a.signal, c.signal) and a.network.name == c.network.name)
