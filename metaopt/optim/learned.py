@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..layers.neuron import NeuronGraph, NeuronSetLinear
 from .structure import Structure, infer_structure
 
-NUM_STATS = 5  # mean u, mean u^2, mean g, mean g^2, mean p^2 (g, p normalised per tensor)
+NUM_STATS = 5  # per neuron: means of Adam's direction, g, m, v and p^2, each normalised per tensor
 NUM_FLAGS = 3  # has incoming weights, has outgoing weights, lone tensor
 NUM_OUTPUTS = 7  # weight: row log-scale, column log-scale, row grad mix, row param mix; bias: the three
 
@@ -63,16 +63,6 @@ class LearnedOptimizerConfig:
         return asdict(self)
 
 
-def _mean_sq(x: Tensor) -> Tensor:
-    """Per-example mean square over all but the batch dim, shaped to broadcast back."""
-    return x.square().mean(dim=tuple(range(1, x.dim())), keepdim=True)
-
-
-def _neuron_stats(qs, scales, dims) -> Tensor:
-    """[B, n, NUM_STATS]: means of each quantity over ``dims``, times its per-tensor normaliser."""
-    return torch.stack([q.mean(dims) if s is None else q.mean(dims) * s.flatten(1) for q, s in zip(qs, scales)], -1)
-
-
 class LearnedOptimizer(nn.Module):
     """Holds the metanetwork; its parameters are the meta-parameters meta-training learns."""
 
@@ -105,7 +95,11 @@ class LearnedOptimizer(nn.Module):
     def _graph(self, structure: Structure, device) -> NeuronGraph:
         key = (structure, str(device))
         if key not in self._graphs:
-            self._graphs[key] = NeuronGraph([c.neuron_sizes for c in structure.chains], device)
+            graph = NeuronGraph([c.neuron_sizes for c in structure.chains], device)
+            flags = [[float(j > 0), float(j < len(c.layers)), float(c.lone)]
+                     for c in structure.chains for j, n in enumerate(c.neuron_sizes) for _ in range(n)]
+            graph.flags = torch.tensor(flags, device=device)  # [N, NUM_FLAGS]: in, out, lone
+            self._graphs[key] = graph
         return self._graphs[key]
 
     # ------------------------------------------------------------------ pure interface
@@ -130,17 +124,26 @@ class LearnedOptimizer(nn.Module):
     def direction(self, meta_params: dict[str, Tensor] | None, params: Sequence[Tensor], grads: Sequence[Tensor],
                   exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor], step,
                   structure: Structure | None = None) -> list[Tensor]:
-        """The update direction (to be scaled by -lr), given already-updated moments."""
+        """The update direction (to be scaled by -lr), given already-updated moments.
+
+        ``step`` is a Python number (counting from 1). Written for few passes over the parameters:
+        about eight full-size writes per tensor, against Adam's five.
+        """
         c = self.config
         structure = structure or self.structure_for([p.shape[1:] for p in params])
         if structure.num_params != len(params):
             raise ValueError(f"structure describes {structure.num_params} tensors, got {len(params)}")
-        B = params[0].shape[0]
-        step_t = torch.as_tensor(step, dtype=torch.float32, device=params[0].device)
-        bc1, bc2 = 1 - c.beta1 ** step_t, 1 - c.beta2 ** step_t
-        adam = [(m / bc1) / ((v / bc2).sqrt() + c.eps) for m, v in zip(exp_avg, exp_avg_sq)]
+        B, device = params[0].shape[0], params[0].device
+        graph = self._graph(structure, device)
+        step = float(step)
+        bc1, bc2 = 1 - c.beta1 ** step, 1 - c.beta2 ** step
+        # Adam's direction is adam_scale * m / (sqrt(v) + eps * sqrt(bc2)); adam_scale rides on the
+        # per-neuron scales below, so u costs three passes over the parameters
+        adam_scale = math.sqrt(bc2) / bc1
+        u = [m / (v.sqrt() + c.eps * math.sqrt(bc2)) for m, v in zip(exp_avg, exp_avg_sq)]
 
-        # Per tensor: its [B, o, i, k] view, the normalisers of g and p, and neuron statistics.
+        # Neuron statistics use only tensors Adam already has (plus p^2), reduced along rows and
+        # columns; normalisers are tensor means, so statistics are scale-free and permutation-invariant.
         views, set_feats = {}, []
         for chain in structure.chains:
             L = len(chain.layers)
@@ -149,51 +152,51 @@ class LearnedOptimizer(nn.Module):
             bias_in: list = [None] * (L + 1)
             for l, layer in enumerate(chain.layers):
                 o, i, k = layer.view
-                u, g, p = (t[layer.weight].reshape(B, o, i, k) for t in (adam, grads, params))
-                gs, ps = _mean_sq(g).add(1e-30).rsqrt(), _mean_sq(p).add(1e-30).rsqrt()
-                views[layer.weight] = (u, g, p, gs, ps)
-                qs = (u, u * u, g, g * g, p * p)
-                scales = (None, None, gs, gs * gs, ps * ps)
-                incoming[l + 1] = _neuron_stats(qs, scales, (2, 3))
-                outgoing[l] = _neuron_stats(qs, scales, (1, 3))
+                uw, gw, mw, vw, pw = (t[layer.weight].reshape(B, o, i, k)
+                                      for t in (u, grads, exp_avg, exp_avg_sq, params))
+                p2 = pw * pw
+                row = [q.mean((2, 3)) for q in (uw, gw, mw, vw, p2)]  # [B, o] each
+                col = [q.mean((1, 3)) for q in (uw, gw, mw, vw, p2)]  # [B, i] each
+                v_mean = row[3].mean(1, keepdim=True) + 1e-30
+                p2_mean = row[4].mean(1, keepdim=True) + 1e-30
+                g_scale = (v_mean / bc2).rsqrt()  # 1 / rms(g), exact at step 1
+                norm = (adam_scale, g_scale, v_mean.rsqrt(), 1 / v_mean, 1 / p2_mean)
+                incoming[l + 1] = torch.stack([q * z for q, z in zip(row, norm)], -1)
+                outgoing[l] = torch.stack([q * z for q, z in zip(col, norm)], -1)
+                views[layer.weight] = (uw, gw, pw, g_scale, p2_mean.rsqrt())
                 if layer.bias is not None:
-                    ub, gb, pb = adam[layer.bias], grads[layer.bias], params[layer.bias]
-                    gbs, pbs = _mean_sq(gb).add(1e-30).rsqrt(), _mean_sq(pb).add(1e-30).rsqrt()
-                    views[layer.bias] = (ub, gb, pb, gbs, pbs)
-                    bias_in[l + 1] = torch.stack([ub, ub * ub, gb * gbs, (gb * gbs) ** 2, (pb * pbs) ** 2], -1)
+                    ub, gb, mb, vb, pb = (t[layer.bias] for t in (u, grads, exp_avg, exp_avg_sq, params))
+                    vb_mean, pb2_mean = vb.mean(1, keepdim=True) + 1e-30, (pb * pb).mean(1, keepdim=True) + 1e-30
+                    gb_scale = (vb_mean / bc2).rsqrt()
+                    bias_in[l + 1] = torch.stack([ub * adam_scale, gb * gb_scale, mb * vb_mean.rsqrt(), vb / vb_mean,
+                                                  pb * pb / pb2_mean], -1)
+                    views[layer.bias] = (ub, gb, pb, gb_scale, pb2_mean.rsqrt())
             for j, n in enumerate(chain.neuron_sizes):
-                parts = [t if t is not None else params[0].new_zeros(B, n, NUM_STATS).float()
-                         for t in (incoming[j], bias_in[j], outgoing[j])]
-                flags = torch.tensor([float(j > 0), float(j < L), float(chain.lone)], device=params[0].device)
-                parts.append(flags.expand(B, n, NUM_FLAGS))
-                set_feats.append(torch.cat(parts, -1))
-        x = torch.cat(set_feats, 1)
-        time = torch.tanh(step_t / torch.tensor(c.time_scales, device=x.device))
-        x = torch.cat([x, time.expand(B, x.shape[1], len(c.time_scales))], -1)
+                set_feats.append(torch.cat([t if t is not None else params[0].new_zeros(B, n, NUM_STATS)
+                                            for t in (incoming[j], bias_in[j], outgoing[j])], -1))
+        time = torch.tanh(step / torch.tensor(c.time_scales, device=device))
+        x = torch.cat([torch.cat(set_feats, 1), graph.flags.expand(B, -1, -1),
+                       time.expand(B, graph.num_neurons, len(c.time_scales))], -1)
 
-        graph = self._graph(structure, x.device)
-        if meta_params is None:
-            out = self(x, graph)
-        else:
-            out = torch.func.functional_call(self, meta_params, (x, graph))
+        out = self(x, graph) if meta_params is None else torch.func.functional_call(self, meta_params, (x, graph))
         out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)  # a broken metanetwork falls back to Adam
-        log_scale = c.max_log_scale * torch.tanh(out[..., [0, 1, 4]] / c.max_log_scale)
+        scale = torch.exp(c.max_log_scale * torch.tanh(out[..., [0, 1, 4]] / c.max_log_scale))
         mix = c.max_mix * torch.tanh(out[..., [2, 3, 5, 6]])
-        per_set_scale = log_scale.split(graph.set_sizes, 1)
-        per_set_mix = mix.split(graph.set_sizes, 1)
+        set_scale, set_mix = scale.split(graph.set_sizes, 1), mix.split(graph.set_sizes, 1)
 
         deltas: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
         s = 0
         for chain in structure.chains:
             for l, layer in enumerate(chain.layers):
-                rows_scale, cols_scale, rows_mix = per_set_scale[s + l + 1], per_set_scale[s + l], per_set_mix[s + l + 1]
-                u, g, p, gs, ps = views[layer.weight]
-                scale = torch.exp(rows_scale[..., 0])[:, :, None] * torch.exp(cols_scale[..., 1])[:, None, :]
-                d = u * scale[..., None] + (rows_mix[..., 0, None, None] * gs) * g + (rows_mix[..., 1, None, None] * ps) * p
+                rows, cols, rows_mix = set_scale[s + l + 1], set_scale[s + l], set_mix[s + l + 1]
+                uw, gw, pw, g_scale, p_scale = views[layer.weight]
+                d = uw * ((rows[..., 0] * adam_scale)[:, :, None, None] * cols[..., 1][:, None, :, None])
+                d = torch.addcmul(d, (rows_mix[..., 0] * g_scale)[:, :, None, None], gw)
+                d = torch.addcmul(d, (rows_mix[..., 1] * p_scale)[:, :, None, None], pw)
                 deltas[layer.weight] = d.reshape(params[layer.weight].shape)
                 if layer.bias is not None:
-                    ub, gb, pb, gbs, pbs = views[layer.bias]
-                    deltas[layer.bias] = ub * torch.exp(rows_scale[..., 2]) + rows_mix[..., 2] * gbs * gb \
-                        + rows_mix[..., 3] * pbs * pb
+                    ub, gb, pb, gb_scale, pb_scale = views[layer.bias]
+                    deltas[layer.bias] = ub * (rows[..., 2] * adam_scale) + rows_mix[..., 2] * gb_scale * gb \
+                        + rows_mix[..., 3] * pb_scale * pb
             s += len(chain.layers) + 1
         return deltas

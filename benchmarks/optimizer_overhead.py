@@ -1,0 +1,112 @@
+"""Overhead of MetaNetOptimizer against torch.optim.Adam, measured in the same run.
+
+    python benchmarks/optimizer_overhead.py [--reps 30] [--device cpu|cuda]
+
+For each model: the whole training iteration (zero_grad, forward, backward, step on a batch of
+128) and the optimizer step alone, medians over interleaved repetitions (Adam, ours, Adam, ...),
+reported as ours / Adam. Goals: whole iteration <= 1.5x Adam on CPU for 100k+ parameter models,
+<= 1.2x on GPU for 10M+.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from metaopt import LearnedOptimizer, MetaNetOptimizer
+
+
+def mlp(*sizes):
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+MODELS = {
+    "mlp-100k (784-128-10)": (lambda: mlp(784, 128, 10), (784,)),
+    "mlp-1M (784-1024-256-10)": (lambda: mlp(784, 1024, 256, 10), (784,)),
+    "cnn (16-32 conv, 28x28)": (lambda: nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 7 * 7, 10)), (1, 28, 28)),
+    "mlp-10M (784-4096-2048-10)": (lambda: mlp(784, 4096, 2048, 10), (784,)),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def learned_for_benchmark():
+    """A metanetwork with non-zero weights, so no work is skipped (the shipped default may be used too)."""
+    torch.manual_seed(0)
+    learned = LearnedOptimizer()
+    with torch.no_grad():
+        for p in learned.parameters():
+            p.normal_(0, 0.1)
+    return learned
+
+
+def measure(name, device, reps, batch):
+    make, in_shape = MODELS[name]
+    torch.manual_seed(0)
+    nets = {"adam": make().to(device), "ours": make().to(device)}
+    opts = {"adam": torch.optim.Adam(nets["adam"].parameters(), lr=1e-3),
+            "ours": MetaNetOptimizer(nets["ours"].parameters(), lr=1e-3, learned=learned_for_benchmark())}
+    x = torch.randn(batch, *in_shape, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    whole, step_only = {k: [] for k in nets}, {k: [] for k in nets}
+
+    def iteration(k):
+        opts[k].zero_grad()
+        F.cross_entropy(nets[k](x), y).backward()
+        sync(device)
+        t0 = time.perf_counter()
+        opts[k].step()
+        sync(device)
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        for k in nets:
+            iteration(k)
+    for _ in range(reps):
+        for k in nets:
+            sync(device)
+            t0 = time.perf_counter()
+            step_only[k].append(iteration(k))
+            whole[k].append(time.perf_counter() - t0)
+    med = lambda xs: statistics.median(xs) * 1e3
+    params = sum(p.numel() for p in nets["ours"].parameters())
+    return params, med(whole["adam"]), med(whole["ours"]), med(step_only["adam"]), med(step_only["ours"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", nargs="+", default=None, help="substrings of model names to run")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    names = [n for n in MODELS if args.models is None or any(m in n for m in args.models)]
+    if device.type == "cpu" and args.models is None:
+        names = [n for n in names if "10M" not in n]  # the 10M model is the GPU goal
+    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} reps={args.reps} "
+          f"torch={torch.__version__}")
+    header = f"{'model':<28} {'params':>10} {'iter Adam ms':>12} {'iter ours ms':>12} {'iter ratio':>10} " \
+             f"{'step Adam ms':>12} {'step ours ms':>12} {'step ratio':>10}"
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        n, wa, wo, sa, so = measure(name, device, args.reps, args.batch)
+        print(f"{name:<28} {n:>10,} {wa:>12.2f} {wo:>12.2f} {wo / wa:>9.2f}x {sa:>12.2f} {so:>12.2f} {so / sa:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
