@@ -30,7 +30,7 @@ from .structure import Structure, infer_structure
 
 NUM_STATS = 5  # per neuron: means of Adam's direction, g, m, v and p^2, each normalised per tensor
 NUM_FLAGS = 3  # has incoming weights, has outgoing weights, lone tensor
-NUM_OUTPUTS = 7  # weight: row log-scale, column log-scale, row grad mix, row param mix; bias: the three
+NUM_OUTPUTS = 7  # log-scales: weight row, weight column, bias; mixes: weight grad, weight param, bias grad, bias param
 
 
 @dataclass(frozen=True)
@@ -180,8 +180,8 @@ class LearnedOptimizer(nn.Module):
 
         out = self(x, graph) if meta_params is None else torch.func.functional_call(self, meta_params, (x, graph))
         out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)  # a broken metanetwork falls back to Adam
-        scale = torch.exp(c.max_log_scale * torch.tanh(out[..., [0, 1, 4]] / c.max_log_scale))
-        mix = c.max_mix * torch.tanh(out[..., [2, 3, 5, 6]])
+        scale = torch.exp(c.max_log_scale * torch.tanh(out[..., :3] / c.max_log_scale))
+        mix = c.max_mix * torch.tanh(out[..., 3:])
         set_scale, set_mix = scale.split(graph.set_sizes, 1), mix.split(graph.set_sizes, 1)
 
         deltas: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
