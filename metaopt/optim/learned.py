@@ -35,6 +35,7 @@ NUM_OUTPUTS = 7  # log-scales: weight row, weight column, bias; mixes: weight gr
 
 @dataclass(frozen=True)
 class LearnedOptimizerConfig:
+    lr: float = 1e-3  # the base step size it was meta-trained with; MetaNetOptimizer's default
     hidden: int = 32
     num_layers: int = 3
     beta1: float = 0.9
@@ -108,13 +109,15 @@ class LearnedOptimizer(nn.Module):
         return {"exp_avg": zeros, "exp_avg_sq": [z.clone() for z in zeros]}
 
     def update(self, meta_params: dict[str, Tensor] | None, params: Sequence[Tensor], grads: Sequence[Tensor],
-               state: dict[str, list[Tensor]], step, lr: float = 1e-3, weight_decay: float = 0.0,
+               state: dict[str, list[Tensor]], step, lr: float | None = None, weight_decay: float = 0.0,
                structure: Structure | None = None) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
         """One step for a batch of tasks; differentiable in ``meta_params`` and ``params``.
 
-        ``step`` counts from 1. ``meta_params=None`` uses the module's own parameters.
+        ``step`` counts from 1. ``meta_params=None`` uses the module's own parameters; ``lr=None``
+        the base step size of the config.
         """
         c = self.config
+        lr = c.lr if lr is None else lr
         exp_avg = [torch.lerp(m, g, 1 - c.beta1) for m, g in zip(state["exp_avg"], grads)]
         exp_avg_sq = [v * c.beta2 + (1 - c.beta2) * g * g for v, g in zip(state["exp_avg_sq"], grads)]
         deltas = self.direction(meta_params, params, grads, exp_avg, exp_avg_sq, step, structure)

@@ -22,7 +22,8 @@ class MetaNetOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters, named parameters, or parameter groups (each may set ``lr`` and
             ``weight_decay``; weight decay is decoupled, as in AdamW).
-        lr: step size; with an untrained metanetwork the optimizer *is* Adam at this lr.
+        lr: base step size; None takes the lr the learned optimizer was meta-trained with (its
+            ``config.lr``). With an untrained metanetwork the optimizer *is* Adam at this lr.
         learned: a :class:`LearnedOptimizer`, a path to a saved one, or None for the shipped default.
         module: the model, for exact weight-space structure; without it the structure is inferred
             from parameter shapes and order (``describe()`` shows what was inferred).
@@ -32,16 +33,18 @@ class MetaNetOptimizer(torch.optim.Optimizer):
     warning per kind.
     """
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0,
+    def __init__(self, params, lr: float | None = None, weight_decay: float = 0.0,
                  learned: LearnedOptimizer | str | os.PathLike | None = None, module: nn.Module | None = None):
+        if learned is None:
+            learned = DEFAULT_PATH
+        learned = learned if isinstance(learned, LearnedOptimizer) else load_learned(learned)
+        lr = learned.config.lr if lr is None else lr
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
         if weight_decay < 0:
             raise ValueError(f"invalid weight_decay {weight_decay}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
-        if learned is None:
-            learned = DEFAULT_PATH
-        self.learned = learned if isinstance(learned, LearnedOptimizer) else load_learned(learned)
+        self.learned = learned
         self.learned.requires_grad_(False)
         self.module = module
         self._structure: Structure | None = None
