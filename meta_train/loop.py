@@ -211,7 +211,8 @@ class MetaTrainer:
         var = stats["grad_variance"]
         self.last_metrics = {
             "step": self.step, "meta_loss": stats["meta_loss"], "grad_norm": norm, "grad_variance": var,
-            "grad_snr": norm**2 / var if finite and var > 0 else float("nan"), "skipped": not finite,
+            # |mean|^2 overestimates |true gradient|^2 by the variance; subtract it (can go below 0).
+            "grad_snr": (norm**2 - var) / var if finite and var > 0 else float("nan"), "skipped": not finite,
             "skipped_total": self.skipped, "inner_steps_per_s": stats["particle_steps"] / max(dt, 1e-9),
             "seconds": dt, "stop": bool(stats["stop"]),
         }

@@ -145,9 +145,9 @@ class LearnedOptimizerProblem:
 
     Uses only these interfaces::
 
-        opt.metanet                                   # nn.Module: the meta-parameters
+        opt.metanet, or opt itself if it is an nn.Module         # its parameters are the meta-parameters
         opt.init(params: list[Tensor[P, ...]]) -> state          # every state tensor has dim 0 = P
-        opt.update(meta_params, params, grads, state, step: int) -> (new_params, new_state)
+        opt.update(meta_params, params, grads, state, step, **update_kwargs) -> (new_params, new_state)
         family.population(seed, size) -> population
         population.init_params(seeds) -> dict[str, Tensor[P, ...]]
         population.loss(params, batch) -> Tensor[P]
@@ -155,19 +155,29 @@ class LearnedOptimizerProblem:
         population.evaluate(params) -> dict[str, Tensor[P]]     # only for meta_loss="val"
 
     A group of tasks is one population (one family, one seed); all its particles advance in lockstep,
-    so ``step`` is a plain int. Per-particle meta-parameters (ES/PES) go through ``torch.func.vmap``
+    so ``step`` is a plain int; it counts from 1 (the update being made), as Adam-style bias
+    corrections expect. Per-particle meta-parameters (ES/PES) go through ``torch.func.vmap``
     over ``opt.update`` with each particle seen as a population of one (``per_particle="vmap"``), or
     a Python loop (``"loop"``) for optimizers that vmap cannot handle.
 
     ``second_order=False`` stops gradients through the inner gradients (first-order truncated
-    backprop, the usual choice); ES/PES are unaffected.
+    backprop, the usual choice); ES/PES are unaffected. ``meta_loss="val"`` reads
+    ``population.evaluate(params)[val_key]`` after every update (``val_key`` may map family names to
+    keys; the metric must be a loss, lower is better); tasks that evaluate under ``no_grad`` then
+    only support ES/PES.
     """
 
     def __init__(self, opt: Any, families: Any, *, weights: Sequence[float] | None = None,
-                 second_order: bool = False, meta_loss: str = "train", val_key: str = "loss",
+                 second_order: bool = False, meta_loss: str = "train", val_key: str | Mapping[str, str] = "loss",
                  augment: RandomRescale | None = None, per_particle: str = "vmap",
-                 device: str | torch.device = "cpu", cache_size: int = 16):
+                 device: str | torch.device = "cpu", cache_size: int = 16,
+                 update_kwargs: Mapping[str, Any] | None = None):
         self.opt = opt
+        self.metanet = getattr(opt, "metanet", opt)
+        if not isinstance(self.metanet, torch.nn.Module):
+            raise TypeError(f"{type(opt).__name__} has no .metanet module and is not an nn.Module itself, so it "
+                            "has no meta-parameters")
+        self.update_kwargs = dict(update_kwargs or {})
         self.families = list(families) if isinstance(families, (list, tuple)) else [families]
         if not self.families:
             raise ValueError("LearnedOptimizerProblem needs at least one task family")
@@ -186,8 +196,7 @@ class LearnedOptimizerProblem:
         self.augment = augment
         self.per_particle = per_particle
         self.device = torch.device(device)
-        if hasattr(opt, "metanet") and hasattr(opt.metanet, "to"):
-            opt.metanet.to(self.device)
+        self.metanet.to(self.device)
         self._cache: OrderedDict[tuple[int, int, int], Any] = OrderedDict()
         self._cache_size = cache_size
         self._state_specs: dict[tuple, Any] = {}
@@ -214,7 +223,7 @@ class LearnedOptimizerProblem:
 
     # -- MetaProblem
     def init_meta_params(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.opt.metanet.named_parameters()}
+        return {k: v.detach().clone() for k, v in self.metanet.named_parameters()}
 
     def init_inner(self, num_tasks: int, generator: torch.Generator) -> InnerState:
         family = int(torch.multinomial(self.weights, 1, generator=generator))
@@ -256,11 +265,12 @@ class LearnedOptimizerProblem:
         return {k: v * scales[k] for k, v in params.items()} if scales else dict(params)
 
     def _update(self, meta_params, params: list[Tensor], grads: list[Tensor], state, step: int, batched: bool):
+        kw = self.update_kwargs
         if not batched:
-            return self.opt.update(meta_params, params, grads, state, step)
+            return self.opt.update(meta_params, params, grads, state, step, **kw)
         if self.per_particle == "vmap":
             one = lambda t: t.unsqueeze(1)  # noqa: E731 - each particle becomes a population of one
-            fn = lambda mp, p, g, s: self.opt.update(mp, p, g, s, step)  # noqa: E731
+            fn = lambda mp, p, g, s: self.opt.update(mp, p, g, s, step, **kw)  # noqa: E731
             new_params, new_state = vmap(fn)(dict(meta_params), [one(p) for p in params],
                                              [one(g) for g in grads], tree_map(one, state))
             return [p.squeeze(1) for p in new_params], tree_map(lambda t: t.squeeze(1), new_state)
@@ -268,7 +278,7 @@ class LearnedOptimizerProblem:
         for i in range(params[0].shape[0]):
             sl = lambda t: t[i:i + 1]  # noqa: E731
             outs.append(self.opt.update({k: v[i] for k, v in meta_params.items()}, [sl(p) for p in params],
-                                        [sl(g) for g in grads], tree_map(sl, state), step))
+                                        [sl(g) for g in grads], tree_map(sl, state), step, **kw))
         new_params = [torch.cat(ps) for ps in zip(*(o[0] for o in outs))]
         leaves, spec = tree_flatten(outs[0][1])
         all_leaves = [tree_flatten(o[1])[0] for o in outs]
@@ -306,28 +316,32 @@ class LearnedOptimizerProblem:
             if not self.second_order:
                 grads = {k: v.detach() for k, v in grads.items()}
             new_params, state = self._update(meta_params, [params[k] for k in names], [grads[k] for k in names],
-                                             state, step, batched)
+                                             state, step + 1, batched)
             params = dict(zip(names, new_params))
             step += 1
             if self.meta_loss == "train":
                 per_step.append(torch.cat(losses_c))
             else:
-                per_step.append(self._val_losses(pop, params, scales, n, copies))
+                per_step.append(self._val_losses(pop, params, scales, n, copies, inner["family"]))
         new_inner = dict(inner, params=params, opt_state=tree_flatten(state)[0], step=step)
         losses = torch.stack(per_step, dim=1) if per_step else torch.zeros(total, 0, device=self.device)
         return losses, new_inner
 
-    def _val_losses(self, pop, params, scales, n, copies) -> Tensor:
+    def _val_losses(self, pop, params, scales, n, copies, family) -> Tensor:
         out = []
         for c in range(copies):
             sl = slice(c * n, (c + 1) * n)
             metrics = pop.evaluate(self._scaled({k: v[sl] for k, v in params.items()},
                                                 {k: v[sl] for k, v in scales.items()}))
-            if self.val_key not in metrics:
-                raise KeyError(f"population.evaluate returned {sorted(metrics)}; meta_loss='val' reads "
-                               f"{self.val_key!r} (set val_key)")
-            out.append(metrics[self.val_key])
+            out.append(self._val_metric(metrics, family))
         return torch.cat(out)
+
+    def _val_metric(self, metrics: Mapping[str, Tensor], family: int) -> Tensor:
+        key = self.val_key if isinstance(self.val_key, str) else self.val_key.get(self.family_name(family))
+        if key not in metrics:
+            raise KeyError(f"population.evaluate of family {self.family_name(family)!r} returned {sorted(metrics)}; "
+                           f"meta_loss='val' reads {key!r} (set val_key, per family if needed)")
+        return metrics[key].to(self.device)
 
     # -- SupportsBaseline
     def baseline_unroll(self, make_optimizer, inner: InnerState, num_steps: int,
@@ -351,5 +365,5 @@ class LearnedOptimizerProblem:
                 per_step.append(losses.detach())
             else:
                 with torch.no_grad():
-                    per_step.append(pop.evaluate(params)[self.val_key].detach())
+                    per_step.append(self._val_metric(pop.evaluate(params), inner["family"]).detach())
         return torch.stack(per_step, dim=1)

@@ -9,9 +9,11 @@ Registered here:
 * ``tiny``: :class:`~meta_train.toy.NoisyLinearRegression` tasks, meta-training the two
   hyperparameters of :class:`~meta_train.toy.LearnedMomentumSGD` (a stand-in until
   ``metaopt.LearnedOptimizer`` exists). A few outer steps take seconds: smoke tests and CI.
-* ``small`` (CPU) and ``large`` (GPU): placeholders for the ``tasks/`` families (8x8 classifiers and
-  short INR fits; larger classifiers, INRs and RL policies). They raise :class:`SuiteUnavailable`
-  until wired.
+* ``small`` (CPU): ``metaopt.optim.LearnedOptimizer`` on ``tasks/`` 8x8 digit classifiers (MLP and
+  CNN) and short SIREN fits of 8x8 digits. A first wiring: family settings and the base learning
+  rate are untuned.
+* ``large`` (GPU): a placeholder for larger classifiers, INRs and RL policies; it raises
+  :class:`SuiteUnavailable` until ``tasks/`` populations can live on a GPU.
 """
 
 from __future__ import annotations
@@ -89,13 +91,33 @@ def _pending(name: str, needs: str) -> Callable[[Config, torch.device], MetaProb
     return build
 
 
+def _small(config: Config, device: torch.device) -> MetaProblem:
+    try:
+        import tasks
+        from metaopt.optim import LearnedOptimizer
+    except ImportError as e:  # pragma: no cover - both ship with this repository
+        raise SuiteUnavailable(f"suite 'small' needs tasks/ and metaopt.optim: {e}") from e
+    if device.type != "cpu":
+        raise SuiteUnavailable("suite 'small' runs on CPU (tasks/ populations keep their data on the CPU)")
+    families = [
+        tasks.ClassifierFamily(dataset="digits", archs=("mlp", "cnn"), widths=(8, 16), depths=(1,),
+                               batch_size=32, train_size=512, test_size=200),
+        tasks.INRFamily(dataset="digits", widths=(16, 32), depths=(1, 2), images=500),
+    ]
+    return LearnedOptimizerProblem(LearnedOptimizer(), families, update_kwargs={"lr": SMALL_BASE_LR},
+                                   val_key={"classify": "test_loss", "inr": "mse"},
+                                   **problem_options(config, device))
+
+
+# The learned optimizer scales Adam's direction per neuron by exp(+-2) around this base rate.
+SMALL_BASE_LR = 1e-2
+
 register_suite(Suite(
-    "small", "CPU: 8x8 image classifiers and short INR fits (tasks/), metaopt.LearnedOptimizer",
-    _pending("small", "tasks/ classifier and INR families and metaopt.LearnedOptimizer"),
-    defaults={"tasks_per_group": 8, "truncation_length": 10, "min_horizon": 50, "max_horizon": 500,
-              "num_groups": 2, "eval_steps": 500}))
+    "small", "CPU: 8x8 digit classifiers (MLP/CNN) and short 8x8 SIREN fits (tasks/), metaopt.LearnedOptimizer",
+    _small, defaults={"tasks_per_group": 8, "truncation_length": 10, "min_horizon": 50, "max_horizon": 300,
+                      "num_groups": 2, "eval_steps": 300, "eval_every": 100, "checkpoint_every": 50}))
 register_suite(Suite(
     "large", "GPU: larger classifiers, INRs and RL policies (tasks/), metaopt.LearnedOptimizer",
-    _pending("large", "tasks/ families and metaopt.LearnedOptimizer"),
+    _pending("large", "tasks/ populations that can keep their data on a GPU"),
     defaults={"tasks_per_group": 32, "truncation_length": 20, "min_horizon": 100, "max_horizon": 2000,
               "num_groups": 8, "eval_steps": 2000}))

@@ -32,6 +32,9 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 Params = dict[str, Tensor]
+# Maps member-stacked inputs [P, B, ...] to outputs [P, B, ...]: the functional network with
+# given parameters, or (P = 1) an nn.Module.  The loss hooks only see this.
+Forward = Callable[[Tensor], Tensor]
 # (position among weight layers, fan_in) -> (weight bound, bias bound) of a uniform init
 InitBounds = Callable[[int, int], "tuple[float, float]"]
 
@@ -208,7 +211,9 @@ class Task(ABC):
 
     Families implement four hooks, each batched over a leading member dim P; the public
     single-task methods below run them with P = 1, and :class:`Population` runs them for
-    many members.  Batches are NamedTuples of tensors.
+    many members.  Batches are NamedTuples of tensors.  The loss and metric hooks get the
+    network as a ``forward`` function, so the same code serves parameters (functional
+    path) and ``nn.Module`` objects (``module_loss``, used by :func:`train`).
     """
 
     def __init__(self, network: Network, seed: int):
@@ -227,11 +232,11 @@ class Task(ABC):
         """Per-member batches with a leading P on every tensor."""
 
     @abstractmethod
-    def losses(self, params: Params, batch: Any) -> Tensor:
+    def losses(self, forward: Forward, batch: Any) -> Tensor:
         """Training loss of each member, shape [P]."""
 
     @abstractmethod
-    def metrics(self, data: Any, params: Params) -> dict[str, Tensor]:
+    def metrics(self, data: Any, forward: Forward) -> dict[str, Tensor]:
         """Evaluation metrics of each member, each of shape [P]."""
 
     def population_key(self) -> tuple:
@@ -252,11 +257,19 @@ class Task(ABC):
         return _first(self.batch_from(self.data, generator))
 
     def loss(self, params: Params, batch: Any) -> Tensor:
-        return self.losses(_unsqueeze(params), _unsqueeze(batch))[0]
+        return self.losses(self._forward(params), _unsqueeze(batch))[0]
+
+    def module_loss(self, module: nn.Module, batch: Any) -> Tensor:
+        """The same loss, computed by running ``module`` (the plain PyTorch path)."""
+        return self.losses(lambda x: module(x[0]).unsqueeze(0), _unsqueeze(batch))[0]
 
     @torch.no_grad()
     def evaluate(self, params: Params) -> dict[str, float]:
-        return {k: float(v[0]) for k, v in self.metrics(self.data, _unsqueeze(params)).items()}
+        return {k: float(v[0]) for k, v in self.metrics(self.data, self._forward(params)).items()}
+
+    def _forward(self, params: Params) -> Forward:
+        stacked = _unsqueeze(params)
+        return lambda x: self.network.forward(stacked, x)
 
     def module(self, params: Params | None = None) -> nn.Sequential:
         """A fresh ``nn.Sequential``, holding ``params`` if given (else ``init_params(0)``)."""
@@ -315,11 +328,11 @@ class Population:
         P = self.network.check(params)
         if P != len(self):
             raise ValueError(f"params hold {P} members, the population has {len(self)}")
-        return self.tasks[0].losses(params, batch)
+        return self.tasks[0].losses(lambda x: self.network.forward(params, x), batch)
 
     @torch.no_grad()
     def evaluate(self, params: Params) -> dict[str, Tensor]:
-        return self.tasks[0].metrics(self.data, params)
+        return self.tasks[0].metrics(self.data, lambda x: self.network.forward(params, x))
 
     def module(self, params: Params, i: int) -> nn.Sequential:
         """Member ``i`` as an ``nn.Sequential``."""
@@ -382,7 +395,7 @@ def train(task: Task, optimizer_factory: Callable[[Iterable[nn.Parameter]], torc
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
-        loss = task.loss(dict(module.named_parameters()), task.sample_batch(generator))
+        loss = task.module_loss(module, task.sample_batch(generator))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Batch, Network, Params, Task, TaskFamily, activation, choose, mlp
+from .base import Batch, Forward, Network, Task, TaskFamily, activation, choose, mlp
 from .data import FASHION_MNIST_DIR, IMAGE_DATASETS, load_images
 
 NUM_CLASSES = 10
@@ -73,21 +73,21 @@ class ClassifierTask(Task):
         idx = data.subsets.gather(1, pick)
         return Batch(data.images[idx], data.labels[idx])
 
-    def losses(self, params: Params, batch: Batch) -> Tensor:
-        logits = self.network.forward(params, batch.inputs)  # [P, B, classes]
+    def losses(self, forward: Forward, batch: Batch) -> Tensor:
+        logits = forward(batch.inputs)  # [P, B, classes]
         if batch.targets.shape != logits.shape[:2]:
             raise ValueError(f"targets {tuple(batch.targets.shape)} do not match logits {tuple(logits.shape)}")
         return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none").view(
             logits.shape[:2]).mean(1)
 
-    def metrics(self, data: ClassifyData, params: Params, chunk: int = 250) -> dict[str, Tensor]:
+    def metrics(self, data: ClassifyData, forward: Forward, chunk: int = 250) -> dict[str, Tensor]:
         P = data.subsets.shape[0]
         loss_sum = torch.zeros(P)
         correct = torch.zeros(P)
         for start in range(0, len(data.test_labels), chunk):  # chunks bound the [P, chunk, ...] copies
             x = data.test_images[start:start + chunk]
             y = data.test_labels[start:start + chunk].expand(P, -1)
-            logits = self.network.forward(params, x.expand(P, *x.shape))
+            logits = forward(x.expand(P, *x.shape))
             loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).sum(1)
             correct += (logits.argmax(-1) == y).float().sum(1)
         n = len(data.test_labels)

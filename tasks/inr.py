@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .base import Batch, Network, Params, Population, Sine, Task, TaskFamily, choose
+from .base import Batch, Forward, Network, Params, Population, Sine, Task, TaskFamily, choose
 from .data import FASHION_MNIST_DIR, load_images, sine_wave
 
 INR_DATASETS = ("fashion_mnist", "fashion_mnist_8x8", "digits", "sine")
@@ -101,22 +101,20 @@ class INRTask(Task):
         P = data.targets.shape[0]
         return Batch(data.coords.expand(P, *data.coords.shape), data.targets)
 
-    def losses(self, params: Params, batch: Batch) -> Tensor:
-        prediction = self.network.forward(params, batch.inputs) + 0.5
+    def losses(self, forward: Forward, batch: Batch) -> Tensor:
+        prediction = forward(batch.inputs) + 0.5
         if prediction.shape != batch.targets.shape:
             raise ValueError(f"predictions {tuple(prediction.shape)} do not match targets {tuple(batch.targets.shape)}")
         return (prediction - batch.targets).square().mean(dim=(1, 2))
 
-    def metrics(self, data: INRData, params: Params) -> dict[str, Tensor]:
-        mse = self.losses(params, self.batch_from(data, None))
+    def metrics(self, data: INRData, forward: Forward) -> dict[str, Tensor]:
+        mse = self.losses(forward, self.batch_from(data, None))
         return {"psnr": psnr(mse), "mse": mse}
 
     @torch.no_grad()
     def render(self, params: Params) -> Tensor:
         """The fitted signal, shaped like the target."""
-        return (self.network.forward({k: v[None] for k, v in params.items()}, self.data.coords[None])[0] + 0.5).reshape(
-            self.signal.shape
-        )
+        return (self._forward(params)(self.data.coords[None])[0] + 0.5).reshape(self.signal.shape)
 
 
 class INRFamily(TaskFamily):
@@ -166,15 +164,18 @@ class SirenFit:
     * the first sine layer on a grid factorises: ``sin(a_i + b_j) = sin a_i cos b_j +
       cos a_i sin b_j`` (angle addition), so it needs sines of ``n_rows + n_cols`` values
       instead of ``n_rows * n_cols``, and the same for the cosine of its backward pass;
-    * the backward pass reuses forward buffers in place and folds ``w0`` into ``baddbmm``;
+    * the backward pass reuses forward buffers in place and folds ``w0`` into the small weights;
     * all members' parameters live in one flat ``[P, D]`` buffer, so Adam is a handful of
       big tensor ops for the whole population;
     * members run in chunks so a chunk's activations stay in cache.
+
+    ``torch.compile`` is deliberately not used: on CPU, inductor fuses the factorised
+    first layer back into one loop over all pixels and evaluates the four small sines and
+    cosines per pixel with scalar ``std::sin``, which made the step about 3-4x slower.
     """
 
     def __init__(self, population: Population, seeds: Sequence[int], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, chunk: int = 16,
-                 compile: bool = False):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, chunk: int = 16):
         task = population.tasks[0]
         if not isinstance(task, INRTask):
             raise TypeError(f"SirenFit fits INR tasks, got {type(task).__name__}")
@@ -199,22 +200,6 @@ class SirenFit:
         P = len(population)
         bounds = [(c, min(c + chunk, P)) for c in range(0, P, chunk)]
         self.chunks = [(self._views(self.flat[a:b]), self._views(self.grad[a:b]), self.targets[a:b]) for a, b in bounds]
-        self._loss_and_grads = self._loss_and_grads_eager
-        if compile:
-            self._loss_and_grads = self._try_compile()
-
-    def _try_compile(self):
-        """The compiled step, or the eager one (with a warning) when compilation fails."""
-        compiled = torch.compile(self._loss_and_grads_eager, dynamic=False)
-        try:
-            for layers, _, targets in self.chunks:  # compile every chunk shape now, not mid-run
-                compiled(layers, targets)
-        except Exception as err:  # compiler missing or unsupported platform
-            import warnings
-
-            warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); SirenFit runs eagerly")
-            return self._loss_and_grads_eager
-        return compiled
 
     def _views(self, flat: Tensor) -> list[_Layer]:
         """Per-layer (weight, bias) views into a flat ``[p, D]`` buffer."""
@@ -256,7 +241,7 @@ class SirenFit:
             weight.append(torch.einsum("pjh,j->ph", dz.sum(1), self.axes[1]))
         return [torch.stack(weight, dim=-1).mul_(w0), rows.sum(1).mul_(w0)]
 
-    def _loss_and_grads_eager(self, layers: list[_Layer], targets: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def _loss_and_grads(self, layers: list[_Layer], targets: Tensor) -> tuple[Tensor, list[Tensor]]:
         w0 = self.w0
         N = targets.shape[1]
         h, cos1 = self._first_layer(*layers[0])
@@ -303,13 +288,9 @@ class SirenFit:
 
 
 def fit_inrs(population: Population, seeds: Sequence[int], steps: int = 1000, lr: float = 1e-3,
-             chunk: int = 16, compile: bool = False) -> tuple[Params, Tensor]:
-    """Fit every member of an INR population with Adam; returns params and the final mse [P].
-
-    ``compile=True`` runs the step through ``torch.compile`` when it is available and falls
-    back to eager execution (with a warning) when compilation fails.
-    """
-    fit = SirenFit(population, seeds, lr=lr, chunk=chunk, compile=compile)
+             chunk: int = 16) -> tuple[Params, Tensor]:
+    """Fit every member of an INR population with Adam; returns params and the final mse [P]."""
+    fit = SirenFit(population, seeds, lr=lr, chunk=chunk)
     for _ in range(steps):
         fit.step()
     with torch.no_grad():

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Network, Params, Task, TaskFamily, choose, mlp
+from .base import Forward, Network, Task, TaskFamily, choose, mlp
 
 _F64 = torch.float64
 
@@ -199,13 +199,16 @@ def policy_action(env: BatchedEnv, out: Tensor, noise: Tensor | None = None,
 
 
 @torch.no_grad()
-def episode_returns(network: Network, params: Params, env: BatchedEnv, states: Tensor,
-                    max_steps: int | None = None) -> Tensor:
-    """Undiscounted returns ``[P, E]`` of the deterministic policies from ``states [P, E, S]``."""
+def episode_returns(forward: Forward, env: BatchedEnv, states: Tensor, max_steps: int | None = None) -> Tensor:
+    """Undiscounted returns ``[P, E]`` of deterministic policies from ``states [P, E, S]``.
+
+    ``forward`` maps observations ``[P, E, obs_dim]`` to policy outputs, e.g.
+    ``functools.partial(network.forward, stacked_params)``.
+    """
     total = torch.zeros(states.shape[:-1], dtype=_F64)
     alive = torch.ones(states.shape[:-1], dtype=torch.bool)
     for _ in range(max_steps or env.max_steps):
-        action, _ = policy_action(env, network.forward(params, env.observe(states)))
+        action, _ = policy_action(env, forward(env.observe(states)))
         next_states, reward, terminated = env.step(states, action)
         total += torch.where(alive, reward, 0.0)
         states = torch.where(alive.unsqueeze(-1), next_states, states)
@@ -260,14 +263,14 @@ class RLTask(Task):
             noise = torch.randn(*shape, self.env.action_dim, generator=generator)
         return Rollouts(states, noise)
 
-    def losses(self, params: Params, batch: Rollouts) -> Tensor:
+    def losses(self, forward: Forward, batch: Rollouts) -> Tensor:
         state = batch.states
         if state.dim() != 3 or state.shape[-1] != self.env.state_dim:
             raise ValueError(f"rollout states must be [P, E, {self.env.state_dim}], got {tuple(state.shape)}")
         alive = torch.ones(state.shape[:-1])
         logps, rewards, masks = [], [], []
         for t in range(batch.noise.shape[1]):
-            out = self.network.forward(params, self.env.observe(state))
+            out = forward(self.env.observe(state))
             action, logp = policy_action(self.env, out, batch.noise[:, t], self.action_std)
             next_state, reward, terminated = self.env.step(state, action)
             state = torch.where(alive.unsqueeze(-1) > 0, next_state, state)  # finished episodes stand still
@@ -287,8 +290,8 @@ class RLTask(Task):
         advantage = (advantage / scale[:, None]).detach()
         return -(torch.stack(logps) * advantage).sum(0).mean(-1)
 
-    def metrics(self, data: RLData, params: Params) -> dict[str, Tensor]:
-        returns = episode_returns(self.network, params, self.env, data.eval_states, self.eval_steps)
+    def metrics(self, data: RLData, forward: Forward) -> dict[str, Tensor]:
+        returns = episode_returns(forward, self.env, data.eval_states, self.eval_steps)
         return {"return": returns.mean(-1).float()}
 
 

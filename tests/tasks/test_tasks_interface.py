@@ -62,14 +62,15 @@ def test_batches_are_deterministic(family):
     assert all(torch.equal(x, y) for x, y in zip(pb, pop.sample_batch(torch.Generator().manual_seed(7))))
 
 
-def test_module_and_functional_forward_agree(family):
+def test_module_and_functional_paths_agree(family):
     task = family.sample(1)
     p = task.init_params(0)
     batch = task.sample_batch(torch.Generator().manual_seed(0))
     x = batch[0] if not isinstance(task, tasks.RLTask) else task.env.observe(batch.states)
-    out_module = task.module(p)(x)
+    module = task.module(p)
     out_functional = task.network.forward({k: v[None] for k, v in p.items()}, x[None])[0]
-    assert torch.allclose(out_module, out_functional, atol=1e-5)
+    assert torch.allclose(module(x), out_functional, atol=1e-5)
+    assert torch.allclose(task.module_loss(module, batch), task.loss(p, batch), rtol=1e-5, atol=1e-6)
 
 
 def test_population_matches_its_members(family):

@@ -1,4 +1,5 @@
 import math
+from functools import partial
 
 import gymnasium as gym
 import numpy as np
@@ -62,7 +63,8 @@ def test_returns_match_gymnasium_evaluation(env_id):
     for k in range(3):
         reference.reset(seed=10 + k)
         states.append(torch.tensor(np.asarray(reference.unwrapped.state, dtype=np.float64)))
-    ours = episode_returns(task.network, {k: v[None] for k, v in params.items()}, env, torch.stack(states)[None])
+    stacked = {k: v[None] for k, v in params.items()}
+    ours = episode_returns(partial(task.network.forward, stacked), env, torch.stack(states)[None])
     assert ours.mean().item() == pytest.approx(gym_result["return"], rel=1e-4)
     assert ours.std(unbiased=False).item() == pytest.approx(gym_result["return_std"], rel=1e-3, abs=1e-3)
 
@@ -113,7 +115,7 @@ def test_finished_episodes_stop_counting():
     params = {k: torch.zeros(1, *v.shape) for k, v in net.init_params(0).items()}
     params["2.bias"] = torch.tensor([[10.0, 0.0]])  # always push left: the pole falls quickly
     states = env.initial_state(torch.Generator().manual_seed(0), (1, 5))
-    returns = episode_returns(net, params, env, states)
+    returns = episode_returns(partial(net.forward, params), env, states)
     assert ((returns > 5) & (returns < 30)).all()
 
 
@@ -130,5 +132,6 @@ def test_rl_errors():
     task = RLTask(policy_network(env, [4]), env, seed=0, horizon=3)
     batch = task.sample_batch(torch.Generator())
     with pytest.raises(ValueError, match="rollout states"):
-        task.losses({k: v[None] for k, v in task.init_params(0).items()}, batch)  # batch lacks the P dim
+        task.losses(partial(task.network.forward, {k: v[None] for k, v in task.init_params(0).items()}),
+                    batch)  # batch lacks the P dim
     assert task.horizon == 3 and math.isfinite(task.loss(task.init_params(0), batch).item())
