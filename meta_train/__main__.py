@@ -67,6 +67,18 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     return config_from_args(args, dict(get_suite(suite).defaults, suite=suite)), False
 
 
+def export_optimizer(problem, meta_params, path: Path, **metadata) -> bool:
+    """Save a meta-trained ``metaopt`` LearnedOptimizer where ``MetaNetOptimizer(learned=path)`` reads it."""
+    from metaopt.optim import LearnedOptimizer, save_learned
+    opt = getattr(problem, "opt", None)
+    if not isinstance(opt, LearnedOptimizer):
+        return False
+    exported = LearnedOptimizer(opt.config)
+    exported.load_state_dict({k: v.detach().cpu() for k, v in meta_params.items()})
+    save_learned(exported, path, **{k: str(v) for k, v in metadata.items()})
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .suites import SUITES, build_problem
@@ -102,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         problem = build_problem(config, dist.device)
         evaluator = None
         if config.eval_every and dist.is_main:
-            eval_problem = build_problem(config.replace(augment_scale=0.0, meta_loss="mean"), dist.device)
+            eval_problem = build_problem(config.replace(augment_scale=0.0, meta_loss="mean", family_weights=[]),
+                                         dist.device)
             evaluator = MetaEvaluator(eval_problem, lrs=config.eval_lrs, num_tasks=config.eval_tasks,
                                       num_steps=config.eval_steps, seed=config.eval_seed)
         trainer = MetaTrainer(config, problem, logdir, dist=dist, resume=resuming, evaluator=evaluator)
@@ -113,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             import safetensors.torch
             atomic_write(logdir / "meta_params.safetensors", safetensors.torch.save(
                 {k: v.detach().cpu().contiguous() for k, v in trainer.meta_params().items()}))
+            export_optimizer(problem, trainer.meta_params(), logdir / "optimizer.safetensors",
+                             suite=config.suite, outer_step=result["step"], seed=config.seed)
             print(f"meta_train: step {result['step']}/{config.outer_steps}, meta-loss "
                   f"{result.get('meta_loss', float('nan')):.5g}, skipped {result['skipped']}; logs in {logdir}",
                   file=sys.stderr)

@@ -64,6 +64,8 @@ class Config:
     max_horizon: int = _f(200, "longest inner run")
     stagger: bool = _f(True, "cut each group's first inner run at a random point so groups reset at "
                        "different times and truncations cover whole runs")
+    family_weights: list = _f([], "sampling weight of each of the suite's task families, in suite order "
+                              "(empty: uniform)")
     augment_scale: float = _f(0.0, "task augmentation: rescale task parameters by a log-uniform factor "
                               "in [1/a, a] (0 disables)")
     # outer optimizer
@@ -104,6 +106,9 @@ class Config:
             raise ConfigError("clip_grad_norm, eval_every and augment_scale must be >= 0")
         if self.augment_scale and self.augment_scale < 1:
             raise ConfigError(f"augment_scale is a factor >= 1 (or 0 to disable), got {self.augment_scale}")
+        if any(not (w >= 0 and math.isfinite(w)) for w in self.family_weights) or \
+                (self.family_weights and not sum(self.family_weights) > 0):
+            raise ConfigError(f"family_weights must be non-negative numbers, not all zero; got {self.family_weights}")
         if len(self.outer_betas) != 2:
             raise ConfigError(f"outer_betas needs two numbers, got {self.outer_betas}")
 

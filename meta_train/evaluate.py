@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.suite:
         config = config.replace(suite=args.suite)
     # Evaluate plain tasks on training loss, without the augmentation used to meta-train.
-    problem = build_problem(config.replace(augment_scale=0.0, meta_loss="mean"), torch.device(args.device))
+    problem = build_problem(config.replace(augment_scale=0.0, meta_loss="mean", family_weights=[]), torch.device(args.device))
     result = evaluate_against_adam(problem, {k: v.to(args.device) for k, v in meta.items()}, lrs=args.lrs,
                                    num_tasks=args.tasks, num_groups=args.groups,
                                    num_steps=args.steps or config.max_horizon, seed=args.seed, progress=True)

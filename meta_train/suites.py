@@ -67,7 +67,8 @@ def build_problem(config: Config, device: torch.device | str = "cpu") -> MetaPro
 def problem_options(config: Config, device: torch.device) -> dict[str, Any]:
     """The LearnedOptimizerProblem options every suite takes from the config."""
     return {"second_order": config.second_order, "meta_loss": "val" if config.meta_loss == "val" else "train",
-            "augment": RandomRescale(config.augment_scale) if config.augment_scale else None, "device": device}
+            "augment": RandomRescale(config.augment_scale) if config.augment_scale else None, "device": device,
+            "weights": config.family_weights or None}
 
 
 def _tiny(config: Config, device: torch.device) -> MetaProblem:
@@ -94,7 +95,7 @@ def _pending(name: str, needs: str) -> Callable[[Config, torch.device], MetaProb
 def _small(config: Config, device: torch.device) -> MetaProblem:
     try:
         import tasks
-        from metaopt.optim import LearnedOptimizer
+        from metaopt.optim import LearnedOptimizer, LearnedOptimizerConfig
     except ImportError as e:  # pragma: no cover - both ship with this repository
         raise SuiteUnavailable(f"suite 'small' needs tasks/ and metaopt.optim: {e}") from e
     if device.type != "cpu":
@@ -104,7 +105,8 @@ def _small(config: Config, device: torch.device) -> MetaProblem:
                                batch_size=32, train_size=512, test_size=200),
         tasks.INRFamily(dataset="digits", widths=(16, 32), depths=(1, 2), images=500),
     ]
-    return LearnedOptimizerProblem(LearnedOptimizer(), families, update_kwargs={"lr": SMALL_BASE_LR},
+    opt = LearnedOptimizer(LearnedOptimizerConfig(lr=SMALL_BASE_LR))
+    return LearnedOptimizerProblem(opt, families,
                                    val_key={"classify": "test_loss", "inr": "mse"},
                                    **problem_options(config, device))
 

@@ -81,8 +81,9 @@ def test_functional_core_matches_the_optimizer():
     for step in range(1, 5):
         grads = torch.func.grad(lambda ps: loss_fn_call(functional, net, ps, x, y))(params)
         params, state = learned.update(meta, params, grads, state, step, lr=3e-3, weight_decay=0.1)
+    # the shell updates moments with foreach kernels, the core with lerp: float32 rounding differs
     for a, b in zip(net.parameters(), params):
-        torch.testing.assert_close(a, b[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a, b[0], atol=1e-5, rtol=1e-4)
 
 
 def loss_fn_call(module, named_from, params, x, y):

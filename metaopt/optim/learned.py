@@ -29,7 +29,7 @@ from ..layers.neuron import NeuronGraph, NeuronSetLinear
 from .structure import Structure, infer_structure
 
 NUM_STATS = 5  # per neuron: means of Adam's direction, g, m, v and p^2, each normalised per tensor
-NUM_FLAGS = 3  # has incoming weights, has outgoing weights, lone tensor
+NUM_FLAGS = 6  # has incoming weights, has outgoing weights, lone tensor; log set size, log fan-in, log fan-out
 NUM_OUTPUTS = 7  # log-scales: weight row, weight column, bias; mixes: weight grad, weight param, bias grad, bias param
 
 
@@ -62,6 +62,14 @@ class LearnedOptimizerConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _size_features(chain, j: int) -> tuple[float, float, float]:
+    """Shape of neuron set j: how good step sizes depend on width, as in fan-in scaled inits.
+    Sizes are invariant to permutations, so these features keep the update equivariant."""
+    fan_in = math.prod(chain.layers[j - 1].view[1:]) if j > 0 else 0
+    fan_out = math.prod(chain.layers[j].view[::2]) if j < len(chain.layers) else 0
+    return tuple(math.log1p(x) / math.log(1000.0) for x in (chain.neuron_sizes[j], fan_in, fan_out))
 
 
 class LearnedOptimizer(nn.Module):
@@ -97,7 +105,7 @@ class LearnedOptimizer(nn.Module):
         key = (structure, str(device))
         if key not in self._graphs:
             graph = NeuronGraph([c.neuron_sizes for c in structure.chains], device)
-            flags = [[float(j > 0), float(j < len(c.layers)), float(c.lone)]
+            flags = [[float(j > 0), float(j < len(c.layers)), float(c.lone), *_size_features(c, j)]
                      for c in structure.chains for j, n in enumerate(c.neuron_sizes) for _ in range(n)]
             graph.flags = torch.tensor(flags, device=device)  # [N, NUM_FLAGS]: in, out, lone
             self._graphs[key] = graph
