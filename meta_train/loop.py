@@ -223,18 +223,19 @@ class MetaTrainer:
         cfg = self.config
         total = outer_steps or cfg.outer_steps
         main = self.dist.is_main
-        writer = metrics_file = None
+        writer = metrics_file = eval_file = None
         if main and self.logdir is not None:
             from torch.utils.tensorboard import SummaryWriter
             self.logdir.mkdir(parents=True, exist_ok=True)
             writer = SummaryWriter(str(self.logdir / "tb"), purge_step=self.step + 1 if self.step else None)
-            metrics_file = self._open_metrics()
+            metrics_file = self._open_metrics("metrics.jsonl")
+            eval_file = self._open_metrics("meta_eval.jsonl") if cfg.eval_every else None
         bar = tqdm(total=total, initial=self.step, desc="meta-train", unit="step", dynamic_ncols=True,
                    disable=not (main and cfg.progress), leave=True)
         stopped = False
         try:
             if cfg.eval_every and self.step == 0 and main:
-                self._meta_eval(writer)
+                self._meta_eval(writer, eval_file)
             with self._stop.installed():
                 while self.step < total:
                     m = self.outer_step()
@@ -244,7 +245,7 @@ class MetaTrainer:
                     if main and (self.step % cfg.log_every == 0 or self.step == total):
                         self._log(writer, metrics_file, m)
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and main:
-                        self._meta_eval(writer)
+                        self._meta_eval(writer, eval_file)
                     stopped = m["stop"]
                     if self.ckpt is not None and (self.step % cfg.checkpoint_every == 0 or self.step == total
                                                   or stopped):
@@ -256,14 +257,15 @@ class MetaTrainer:
             bar.close()
             if writer is not None:
                 writer.close()
-            if metrics_file is not None:
-                metrics_file.close()
+            for f in (metrics_file, eval_file):
+                if f is not None:
+                    f.close()
         return {"step": self.step, "stopped": stopped, "skipped": self.skipped, **{
             k: v for k, v in self.last_metrics.items() if k in ("meta_loss", "grad_norm")}}
 
-    def _open_metrics(self):
-        """metrics.jsonl, cut back to the resumed step so every step appears exactly once."""
-        path = self.logdir / "metrics.jsonl"
+    def _open_metrics(self, name: str):
+        """A JSON-lines log, cut back to the resumed step so every step appears exactly once."""
+        path = self.logdir / name
         if path.exists():
             kept = []
             for line in path.read_text().splitlines():
@@ -296,16 +298,21 @@ class MetaTrainer:
             for k, p in self.meta.items():
                 writer.add_scalar(f"meta_params/{k}", float(p.detach()), s)
 
-    def _meta_eval(self, writer) -> None:
+    def _meta_eval(self, writer, eval_file=None) -> None:
         from .evaluate import MetaEvaluator
         if self._evaluator is None:
             cfg = self.config
             self._evaluator = MetaEvaluator(self.problem, lrs=cfg.eval_lrs, num_tasks=cfg.eval_tasks,
                                             num_steps=cfg.eval_steps, seed=cfg.eval_seed)
         result = self._evaluator(self.meta_params())
+        summary = result.summary()
+        if eval_file is not None:
+            rows = {name: {**row, "adam": {str(lr): v for lr, v in row["adam"].items()}} for name, row in summary.items()}
+            eval_file.write(json.dumps({"step": self.step, **rows}) + "\n")
+            eval_file.flush()
         if writer is None:
             return
-        for name, row in result.summary().items():
+        for name, row in summary.items():
             tag = f"meta_eval/{name}"
             writer.add_scalar(f"{tag}/learned_final_loss", row["learned"], self.step)
             writer.add_scalar(f"{tag}/adam_best_final_loss", row["adam_best"], self.step)

@@ -7,11 +7,11 @@ registry entries, so a project or notebook can add its own with :func:`register_
 Registered here:
 
 * ``tiny``: :class:`~meta_train.toy.NoisyLinearRegression` tasks, meta-training the two
-  hyperparameters of :class:`~meta_train.toy.LearnedMomentumSGD` (a stand-in until
-  ``metaopt.LearnedOptimizer`` exists). A few outer steps take seconds: smoke tests and CI.
-* ``small`` (CPU): ``metaopt.optim.LearnedOptimizer`` on ``tasks/`` 8x8 digit classifiers (MLP and
-  CNN) and short SIREN fits of 8x8 digits. A first wiring: family settings and the base learning
-  rate are untuned.
+  hyperparameters of :class:`~meta_train.toy.LearnedMomentumSGD`. A few outer steps take seconds and
+  the optimum is known: smoke tests, CI, and checks of the estimators and the loop.
+* ``small`` (CPU): ``metaopt.optim.LearnedOptimizer`` (base lr 1e-2) on ``tasks/`` 8x8 digit
+  classifiers (MLP and CNN, widths 8/16) and short SIREN fits of 8x8 digits. The shipped default
+  of ``MetaNetOptimizer`` was meta-trained on it (see ``docs/optimizer.md``).
 * ``large`` (GPU): a placeholder for larger classifiers, INRs and RL policies; it raises
   :class:`SuiteUnavailable` until ``tasks/`` populations can live on a GPU.
 """

@@ -151,3 +151,6 @@ def test_tensorboard_and_meta_eval_logs(tmp_path):
         assert tag in tags, (tag, sorted(tags))
     assert [e.step for e in acc.Scalars("meta_eval/linreg/learned_final_loss")] == [0, 2, 4]
     assert "meta_eval/curves" in acc.Tags()["images"]
+    records = [json.loads(line) for line in (tmp_path / "meta_eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4]
+    assert set(records[-1]["linreg"]["adam"]) == {"0.01", "0.1"}

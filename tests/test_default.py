@@ -1,0 +1,80 @@
+"""The shipped default: it loads, it is small, it is not plain Adam, it trains, it keeps the symmetry."""
+
+
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.nn import functional as F
+
+from _archs import ARCHS, INPUT_SHAPES
+from metaopt import MetaNetOptimizer, WeightSpace, random_hidden_perms
+from metaopt.optim import DEFAULT_PATH, load_learned
+from metaopt.optim.checkpoint import read_metadata
+
+
+def digits_run(make_opt, steps=150, seed=0):
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt, g, losses = make_opt(model), torch.Generator().manual_seed(seed), []
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return sum(losses[-15:]) / 15
+
+
+def test_default_file_is_small_and_records_where_it_came_from():
+    assert DEFAULT_PATH.stat().st_size < 1_000_000
+    meta = read_metadata(DEFAULT_PATH)
+    assert meta["suite"] == "small" and int(meta["outer_step"]) > 0
+    learned = load_learned()
+    last = learned.layers[-1]
+    assert any(p.abs().max() > 0 for p in last.parameters()), "the default must be meta-trained, not zero-init Adam"
+
+
+def test_default_is_used_when_none_is_given():
+    net = nn.Linear(3, 2)
+    opt = MetaNetOptimizer(net.parameters())
+    shipped = load_learned()
+    assert opt.param_groups[0]["lr"] == shipped.config.lr
+    for (k, a), b in zip(opt.learned.state_dict().items(), shipped.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_default_beats_adam_at_its_default_lr_on_digits():
+    ours = digits_run(lambda m: MetaNetOptimizer(m.parameters()))
+    adam = digits_run(lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))
+    assert ours < 0.5 * adam, (ours, adam)
+
+
+def test_default_differs_from_adam_at_the_same_lr():
+    lr = load_learned().config.lr
+    ours = digits_run(lambda m: MetaNetOptimizer(m.parameters()), steps=30)
+    adam = digits_run(lambda m: torch.optim.Adam(m.parameters(), lr=lr), steps=30)
+    assert abs(ours - adam) > 1e-4
+
+
+def test_default_update_is_equivariant():
+    for name in ("mlp4", "cnn2d_flatten"):
+        torch.manual_seed(0)
+        net = ARCHS[name]()
+        x = torch.randn(8, *(INPUT_SHAPES.get(name) or (net[0].in_features,)))
+        ws = WeightSpace.from_modules([net])
+        perms = random_hidden_perms(ws.spec, torch.Generator().manual_seed(3))
+        permuted = ws.permute_hidden(perms).to_modules(net)[0]
+        nets = [net, permuted]
+        for n in nets:
+            opt = MetaNetOptimizer(n.parameters(), module=n)
+            for _ in range(3):
+                opt.zero_grad()
+                n(x).square().mean().backward()
+                opt.step()
+        back = WeightSpace.from_modules([nets[0]]).permute_hidden(perms)
+        after = WeightSpace.from_modules([nets[1]])
+        for a, b in zip(back.tensors(), after.tensors()):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
