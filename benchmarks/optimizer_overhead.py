@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from metaopt import LearnedOptimizer, MetaNetOptimizer
+from metaopt.cpu import tune_malloc
 
 
 def mlp(*sizes):
@@ -97,8 +98,9 @@ def main():
     names = [n for n in MODELS if args.models is None or any(m in n for m in args.models)]
     if device.type == "cpu" and args.models is None:
         names = [n for n in names if "10M" not in n]  # the 10M model is the GPU goal
+    tuned = tune_malloc()
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} reps={args.reps} "
-          f"torch={torch.__version__}")
+          f"torch={torch.__version__} malloc_tuned={tuned}")
     header = f"{'model':<28} {'params':>10} {'iter Adam ms':>12} {'iter ours ms':>12} {'iter ratio':>10} " \
              f"{'step Adam ms':>12} {'step ours ms':>12} {'step ratio':>10}"
     print(header)

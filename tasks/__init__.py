@@ -5,13 +5,13 @@ Every task is functional (``loss(params, batch)`` on a dict of tensors, usable u
 matching ``nn.Sequential``).  Families sample tasks; populations run many tasks of one
 architecture as one stacked computation.  See ``tasks/base.py`` for the interface.
 
-Importing this package tunes glibc's malloc for fast CPU training (see ``tasks/cpu.py``);
+Importing this package tunes glibc's malloc for fast CPU training (see ``metaopt/cpu.py``);
 set ``METAOPT_NO_MALLOC_TUNING=1`` to skip that.
 """
 
 import os as _os
 
-from .cpu import set_worker_threads, tune_malloc
+from metaopt.cpu import set_worker_threads, tune_malloc
 
 if _os.environ.get("METAOPT_NO_MALLOC_TUNING") != "1":
     tune_malloc()

@@ -3,7 +3,7 @@ import platform
 import pytest
 import torch
 
-from tasks import cpu
+from metaopt import cpu
 
 
 def test_tune_malloc_reports_whether_it_applied():
