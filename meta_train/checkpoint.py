@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,8 @@ import numpy as np
 import safetensors.torch
 import torch
 from torch import Tensor
+
+from metaopt.optim.checkpoint import atomic_write
 
 __all__ = ["CheckpointError", "atomic_write", "write_tensor_file", "read_tensor_file", "encode_tree",
            "decode_tree", "capture_rng", "restore_rng", "CheckpointDir", "FORMAT"]
@@ -37,38 +37,6 @@ FORMAT = "meta_train.checkpoint/1"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or does not match the run that loads it."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` so that ``path`` holds either its old content or all of the new one."""
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def write_tensor_file(stem: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:

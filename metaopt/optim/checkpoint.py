@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .learned import LearnedOptimizer, LearnedOptimizerConfig
 
@@ -26,27 +26,45 @@ class CheckpointError(ValueError):
     """A learned-optimizer file that is missing, corrupt, of another version or of other shapes."""
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then move the finished file to ``path`` in one rename."""
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` so that ``path`` holds either its old content or all of the new one
+    (temp file in the same folder, fsync, rename), whatever kills the process in between."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    if isinstance(data, str):
+        data = data.encode()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         if os.path.exists(tmp):
-            os.remove(tmp)
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory file descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_learned(learned: LearnedOptimizer, path: str | os.PathLike, **metadata: str) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in learned.state_dict().items()}
     meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(learned.config.to_dict()),
             **{k: str(v) for k, v in metadata.items()}}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, save(tensors, metadata=meta))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
