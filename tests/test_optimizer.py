@@ -86,6 +86,21 @@ def test_functional_core_matches_the_optimizer():
         torch.testing.assert_close(a, b[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("step", [1, 7, 300])
+def test_tensor_step_matches_python_step(step):
+    # compiled callers pass the step as a tensor so that a new step does not recompile
+    torch.manual_seed(0)
+    net = ARCHS["cnn2d_flatten"]()
+    learned = random_learned()
+    params = [p.detach()[None] for p in net.parameters()]
+    grads, m = [torch.randn_like(p) for p in params], [torch.randn_like(p) for p in params]
+    v = [torch.rand_like(p) for p in params]
+    a = learned.direction(None, params, grads, m, v, step)
+    b = learned.direction(None, params, grads, m, v, torch.tensor(step))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
 def loss_fn_call(module, named_from, params, x, y):
     named = {n: p[0] for (n, _), p in zip(named_from.named_parameters(), params)}
     out = torch.func.functional_call(module, named, (x,))

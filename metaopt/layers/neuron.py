@@ -40,12 +40,13 @@ class NeuronGraph:
         self.num_neurons, self.num_sets = int(set_id.numel()), S
         self.set_sizes = set_sizes
         self.set_id = set_id.to(device)
-        self.prev_id = torch.tensor(prev_set)[set_id].to(device)
-        self.next_id = torch.tensor(next_set)[set_id].to(device)
         # dense averaging matrix [S + 1, N]: small (sets x neurons) and vmap/matmul friendly
         avg = torch.zeros(S + 1, self.num_neurons)
         avg[set_id, torch.arange(self.num_neurons)] = 1.0 / torch.tensor(set_sizes, dtype=torch.float)[set_id]
-        self.average = avg.to(device)
+        # [3 (S + 1), N]: means of each set, of its previous set and of its next set, in one matmul
+        prev_of_set = torch.tensor(prev_set + [sentinel])
+        next_of_set = torch.tensor(next_set + [sentinel])
+        self.context = torch.cat([avg, avg[prev_of_set], avg[next_of_set]]).to(device)
 
 
 class NeuronSetLinear(nn.Module):
@@ -59,9 +60,9 @@ class NeuronSetLinear(nn.Module):
 
     def forward(self, x: Tensor, graph: NeuronGraph) -> Tensor:
         """x: [B, N, in_features] -> [B, N, out_features]."""
-        means = torch.matmul(graph.average.to(x.dtype), x)  # [B, S + 1, F]
-        own = x @ self.weight[0]
-        same = (means @ self.weight[1]).index_select(1, graph.set_id)
-        prev = (means @ self.weight[2]).index_select(1, graph.prev_id)
-        nxt = (means @ self.weight[3]).index_select(1, graph.next_id)
-        return own + same + prev + nxt + self.bias
+        B, _, F = x.shape
+        context = graph.context if graph.context.dtype == x.dtype else graph.context.to(x.dtype)
+        means = torch.matmul(context, x)  # [B, 3 (S + 1), F]: same, prev, next set means
+        per_set = means.view(B, 3, -1, F).transpose(1, 2).reshape(B, -1, 3 * F)  # [B, S + 1, 3F]
+        per_set = torch.matmul(per_set, self.weight[1:].reshape(3 * F, -1)) + self.bias  # [B, S + 1, out]
+        return torch.matmul(x, self.weight[0]) + per_set.index_select(1, graph.set_id)

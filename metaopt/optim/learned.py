@@ -72,6 +72,51 @@ def _size_features(chain, j: int) -> tuple[float, float, float]:
     return tuple(math.log1p(x) / math.log(1000.0) for x in (chain.neuron_sizes[j], fan_in, fan_out))
 
 
+def _row_col_means(quantities: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-row and per-column means of several [B, o, i, k] tensors, as [B, o, Q] and [B, i, Q].
+
+    Small tensors are stacked first (two reductions instead of 2Q: op overhead dominates);
+    large ones are reduced one by one (a stack would copy them all: memory traffic dominates)."""
+    if quantities[0][0].numel() <= 1 << 15:
+        stacked = torch.stack(list(quantities))  # [Q, B, o, i, k]
+        return stacked.mean((3, 4)).permute(1, 2, 0), stacked.mean((2, 4)).permute(1, 2, 0)
+    return (torch.stack([q.mean((2, 3)) for q in quantities], -1),
+            torch.stack([q.mean((1, 3)) for q in quantities], -1))
+
+
+def _stat_layout(structure: Structure, device) -> tuple[Tensor, Tensor]:
+    """Constant tensors to normalise all statistics at once (see ``LearnedOptimizer.direction``).
+
+    Stat tensors are numbered in chain order: each layer's weight, then its bias. Returns
+    ``tensor_average`` [T, R], averaging the concatenated per-row stats (R rows) of each tensor,
+    and ``norm_index`` [N, 3 * NUM_STATS], for each neuron's (incoming, bias, outgoing) features
+    the column of the flattened [T, NUM_STATS] normalisers to multiply by (``5T`` = absent, zero).
+    """
+    row_sizes, per_neuron = [], []
+    for chain in structure.chains:
+        weight_ids, bias_ids = [], []
+        for layer in chain.layers:
+            weight_ids.append(len(row_sizes))
+            row_sizes.append(layer.view[0])
+            bias_ids.append(len(row_sizes) if layer.bias is not None else None)
+            if layer.bias is not None:
+                row_sizes.append(layer.view[0])
+        for j, n in enumerate(chain.neuron_sizes):
+            sources = (weight_ids[j - 1] if j > 0 else None, bias_ids[j - 1] if j > 0 else None,
+                       weight_ids[j] if j < len(chain.layers) else None)
+            columns = [-1 if t is None else t * NUM_STATS + f for t in sources for f in range(NUM_STATS)]
+            per_neuron.append(torch.tensor(columns).expand(n, -1))
+    T = len(row_sizes)
+    columns = torch.cat(per_neuron)
+    columns = columns.where(columns >= 0, T * NUM_STATS)
+    average = torch.zeros(T, sum(row_sizes))
+    start = 0
+    for t, n in enumerate(row_sizes):
+        average[t, start:start + n] = 1.0 / n
+        start += n
+    return average.to(device), columns.to(device)
+
+
 class LearnedOptimizer(nn.Module):
     """Holds the metanetwork; its parameters are the meta-parameters meta-training learns."""
 
@@ -108,8 +153,25 @@ class LearnedOptimizer(nn.Module):
             flags = [[float(j > 0), float(j < len(c.layers)), float(c.lone), *_size_features(c, j)]
                      for c in structure.chains for j, n in enumerate(c.neuron_sizes) for _ in range(n)]
             graph.flags = torch.tensor(flags, device=device)  # [N, NUM_FLAGS]: in, out, lone
+            graph.tensor_average, graph.norm_index = _stat_layout(structure, device)
             self._graphs[key] = graph
         return self._graphs[key]
+
+    def _step_scalars(self, step, device) -> tuple:
+        """Bias correction 1 - beta2^t, Adam's scale sqrt(1 - beta2^t) / (1 - beta1^t), its eps, time features.
+
+        A Python ``step`` gives Python floats (cheapest in eager mode); a tensor ``step`` keeps
+        everything a tensor, so that a compiled step is not recompiled for every new step count."""
+        c = self.config
+        if isinstance(step, Tensor):
+            t = step.to(device=device, dtype=torch.float64)
+            bc1, bc2 = 1 - c.beta1 ** t, 1 - c.beta2 ** t
+            time = torch.tanh(t / torch.tensor(c.time_scales, dtype=torch.float64, device=device))
+            return bc2.float(), (bc2.sqrt() / bc1).float(), (c.eps * bc2.sqrt()).float(), time.float()
+        step = float(step)
+        bc1, bc2 = 1 - c.beta1 ** step, 1 - c.beta2 ** step
+        time = torch.tensor([math.tanh(step / t) for t in c.time_scales], device=device)
+        return bc2, math.sqrt(bc2) / bc1, c.eps * math.sqrt(bc2), time
 
     # ------------------------------------------------------------------ pure interface
     def init(self, params: Sequence[Tensor]) -> dict[str, list[Tensor]]:
@@ -137,8 +199,9 @@ class LearnedOptimizer(nn.Module):
                   structure: Structure | None = None) -> list[Tensor]:
         """The update direction (to be scaled by -lr), given already-updated moments.
 
-        ``step`` is a Python number (counting from 1). Written for few passes over the parameters:
-        about eight full-size writes per tensor, against Adam's five.
+        ``step`` counts from 1: a Python number, or a 0-d tensor (for compiled callers). Written
+        for few passes over the parameters and few small ops: per-tensor normalisers are computed
+        for all tensors at once, so the fixed cost per step grows slowly with depth.
         """
         c = self.config
         structure = structure or self.structure_for([p.shape[1:] for p in params])
@@ -146,16 +209,14 @@ class LearnedOptimizer(nn.Module):
             raise ValueError(f"structure describes {structure.num_params} tensors, got {len(params)}")
         B, device = params[0].shape[0], params[0].device
         graph = self._graph(structure, device)
-        step = float(step)
-        bc1, bc2 = 1 - c.beta1 ** step, 1 - c.beta2 ** step
+        bc2, adam_scale, eps, time = self._step_scalars(step, device)
         # Adam's direction is adam_scale * m / (sqrt(v) + eps * sqrt(bc2)); adam_scale rides on the
         # per-neuron scales below, so u costs three passes over the parameters
-        adam_scale = math.sqrt(bc2) / bc1
-        u = [m / (v.sqrt() + c.eps * math.sqrt(bc2)) for m, v in zip(exp_avg, exp_avg_sq)]
+        u = [m / (v.sqrt() + eps) for m, v in zip(exp_avg, exp_avg_sq)]
 
         # Neuron statistics use only tensors Adam already has (plus p^2), reduced along rows and
         # columns; normalisers are tensor means, so statistics are scale-free and permutation-invariant.
-        views, set_feats = {}, []
+        rows, set_feats, views = [], [], {}  # rows: per stat tensor (weights, then bias), [B, o, 5]
         for chain in structure.chains:
             L = len(chain.layers)
             incoming: list = [None] * (L + 1)
@@ -165,49 +226,53 @@ class LearnedOptimizer(nn.Module):
                 o, i, k = layer.view
                 uw, gw, mw, vw, pw = (t[layer.weight].reshape(B, o, i, k)
                                       for t in (u, grads, exp_avg, exp_avg_sq, params))
-                p2 = pw * pw
-                row = [q.mean((2, 3)) for q in (uw, gw, mw, vw, p2)]  # [B, o] each
-                col = [q.mean((1, 3)) for q in (uw, gw, mw, vw, p2)]  # [B, i] each
-                v_mean = row[3].mean(1, keepdim=True) + 1e-30
-                p2_mean = row[4].mean(1, keepdim=True) + 1e-30
-                g_scale = (v_mean / bc2).rsqrt()  # 1 / rms(g), exact at step 1
-                norm = (adam_scale, g_scale, v_mean.rsqrt(), 1 / v_mean, 1 / p2_mean)
-                incoming[l + 1] = torch.stack([q * z for q, z in zip(row, norm)], -1)
-                outgoing[l] = torch.stack([q * z for q, z in zip(col, norm)], -1)
-                views[layer.weight] = (uw, gw, pw, g_scale, p2_mean.rsqrt())
+                incoming[l + 1], outgoing[l] = _row_col_means((uw, gw, mw, vw, pw * pw))
+                rows.append(incoming[l + 1])
+                views[layer.weight] = (uw, gw, pw)
                 if layer.bias is not None:
                     ub, gb, mb, vb, pb = (t[layer.bias] for t in (u, grads, exp_avg, exp_avg_sq, params))
-                    vb_mean, pb2_mean = vb.mean(1, keepdim=True) + 1e-30, (pb * pb).mean(1, keepdim=True) + 1e-30
-                    gb_scale = (vb_mean / bc2).rsqrt()
-                    bias_in[l + 1] = torch.stack([ub * adam_scale, gb * gb_scale, mb * vb_mean.rsqrt(), vb / vb_mean,
-                                                  pb * pb / pb2_mean], -1)
-                    views[layer.bias] = (ub, gb, pb, gb_scale, pb2_mean.rsqrt())
+                    bias_in[l + 1] = torch.stack([ub, gb, mb, vb, pb * pb], -1)  # [B, o, 5]
+                    rows.append(bias_in[l + 1])
+                    views[layer.bias] = (ub, gb, pb)
             for j, n in enumerate(chain.neuron_sizes):
                 set_feats.append(torch.cat([t if t is not None else params[0].new_zeros(B, n, NUM_STATS)
                                             for t in (incoming[j], bias_in[j], outgoing[j])], -1))
-        time = torch.tanh(step / torch.tensor(c.time_scales, device=device))
-        x = torch.cat([torch.cat(set_feats, 1), graph.flags.expand(B, -1, -1),
-                       time.expand(B, graph.num_neurons, len(c.time_scales))], -1)
+        # Per-tensor normalisers for all tensors at once: (Adam's bias correction, 1/rms(g),
+        # 1/rms(m) ~ 1/sqrt(mean v), 1/mean(v), 1/mean(p^2)), then spread onto the neurons' features.
+        means = torch.matmul(graph.tensor_average, torch.cat(rows, 1)[..., 3:]) + 1e-30  # [B, T, 2]
+        v_mean = means[..., :1]
+        g_scales = (v_mean / bc2).rsqrt()  # [B, T, 1]: 1 / rms(g), exact at step 1
+        norms = torch.cat([torch.ones_like(v_mean) * adam_scale, g_scales, v_mean.rsqrt(), means.reciprocal()], -1)
+        norms = torch.cat([norms.flatten(1), norms.new_zeros(B, 1)], 1)  # [B, 5T + 1]; the last: absent stats
+        stats = torch.cat(set_feats, 1) * norms[:, graph.norm_index]  # [B, N, 15]
+        g_scales, p_scales = g_scales[..., 0], means[..., 1].rsqrt()  # [B, T]
+        x = torch.cat([stats, graph.flags.expand(B, -1, -1), time.expand(B, graph.num_neurons, len(c.time_scales))], -1)
 
         out = self(x, graph) if meta_params is None else torch.func.functional_call(self, meta_params, (x, graph))
         out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)  # a broken metanetwork falls back to Adam
         scale = torch.exp(c.max_log_scale * torch.tanh(out[..., :3] / c.max_log_scale))
+        correction = scale.new_ones(3)
+        correction[0::2] = adam_scale  # Adam's bias correction rides on the row and bias scales
+        scale = scale * correction
         mix = c.max_mix * torch.tanh(out[..., 3:])
         set_scale, set_mix = scale.split(graph.set_sizes, 1), mix.split(graph.set_sizes, 1)
 
         deltas: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
-        s = 0
+        s, t = 0, 0  # first neuron set of the chain; position of the next stat tensor
         for chain in structure.chains:
             for l, layer in enumerate(chain.layers):
                 rows, cols, rows_mix = set_scale[s + l + 1], set_scale[s + l], set_mix[s + l + 1]
-                uw, gw, pw, g_scale, p_scale = views[layer.weight]
-                d = uw * ((rows[..., 0] * adam_scale)[:, :, None, None] * cols[..., 1][:, None, :, None])
-                d = torch.addcmul(d, (rows_mix[..., 0] * g_scale)[:, :, None, None], gw)
-                d = torch.addcmul(d, (rows_mix[..., 1] * p_scale)[:, :, None, None], pw)
+                uw, gw, pw = views[layer.weight]
+                mixes = rows_mix[..., :2] * torch.stack([g_scales[:, t], p_scales[:, t]], -1)[:, None]  # [B, o, 2]
+                d = uw * (rows[:, :, 0, None, None] * cols[:, None, :, 1, None])
+                d = torch.addcmul(d, mixes[..., 0, None, None], gw)
+                d = torch.addcmul(d, mixes[..., 1, None, None], pw)
                 deltas[layer.weight] = d.reshape(params[layer.weight].shape)
+                t += 1
                 if layer.bias is not None:
-                    ub, gb, pb, gb_scale, pb_scale = views[layer.bias]
-                    deltas[layer.bias] = ub * (rows[..., 2] * adam_scale) + rows_mix[..., 2] * gb_scale * gb \
-                        + rows_mix[..., 3] * pb_scale * pb
+                    ub, gb, pb = views[layer.bias]
+                    deltas[layer.bias] = ub * rows[..., 2] + rows_mix[..., 2] * g_scales[:, t, None] * gb \
+                        + rows_mix[..., 3] * p_scales[:, t, None] * pb
+                    t += 1
             s += len(chain.layers) + 1
         return deltas

@@ -16,6 +16,14 @@ from .structure import Structure, infer_structure, structure_from_module
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def _float32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class MetaNetOptimizer(torch.optim.Optimizer):
     """Train with a meta-learned, permutation-equivariant update rule as you would with Adam.
 
@@ -49,6 +57,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         self.module = module
         self._structure: Structure | None = None
         self._warned: set[str] = set()
+        self._learned_device: torch.device | None = None
 
     # ------------------------------------------------------------------ structure
     def _params(self) -> list[Tensor]:
@@ -102,33 +111,37 @@ class MetaNetOptimizer(torch.optim.Optimizer):
                 st["step"] = torch.tensor(0.0)
                 st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-        step = max(float(st["step"]) for st, l in zip(states, live) if l) + 1
-        grads32 = [g.float() for g in grads]
-        c = self.learned.config
         live_idx = [i for i, l in enumerate(live) if l]
+        step = max(float(states[i]["step"]) for i in live_idx) + 1
+        grads32 = [_float32(g) for g in grads]
+        c = self.learned.config
         m = [states[i]["exp_avg"] for i in live_idx]
         v = [states[i]["exp_avg_sq"] for i in live_idx]
         g = [grads32[i] for i in live_idx]
         torch._foreach_lerp_(m, g, 1 - c.beta1)
         torch._foreach_mul_(v, c.beta2)
         torch._foreach_addcmul_(v, g, g, value=1 - c.beta2)
+        torch._foreach_add_([states[i]["step"] for i in live_idx], 1.0)
 
-        self.learned.to(params[0].device)
+        device = params[0].device
+        if device != self._learned_device:
+            self.learned.to(device)
+            self._learned_device = device
         deltas = self.learned.direction(
-            None, [p.float().unsqueeze(0) for p in params], [gr.unsqueeze(0) for gr in grads32],
-            [st["exp_avg"].unsqueeze(0) for st in states], [st["exp_avg_sq"].unsqueeze(0) for st in states],
+            None, [_float32(p)[None] for p in params], [gr[None] for gr in grads32],
+            [st["exp_avg"][None] for st in states], [st["exp_avg_sq"][None] for st in states],
             step, self.structure())
         index = {id(p): i for i, p in enumerate(params)}
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                i = index[id(p)]
-                if not live[i]:
-                    continue
-                states[i]["step"] += 1
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(deltas[i].view(p.shape).to(p.dtype), alpha=-lr)
+            chosen = [index[id(p)] for p in group["params"] if live[index[id(p)]]]
+            targets = [params[i] for i in chosen]
+            if not targets:
+                continue
+            if wd:
+                torch._foreach_mul_(targets, 1 - lr * wd)
+            updates = [_cast(deltas[i].view(params[i].shape), params[i].dtype) for i in chosen]
+            torch._foreach_add_(targets, updates, alpha=-lr)
         return loss
 
     # ------------------------------------------------------------------ checkpoints
@@ -149,6 +162,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
             new = LearnedOptimizer(config)
             load_meta_state(new, learned["params"], "optimizer state dict")
             self.learned = new.requires_grad_(False)
+            self._learned_device = None
         params = self._params()
         saved = state_dict.get("state", {})
         for idx, st in saved.items():
