@@ -1,0 +1,139 @@
+"""``python -m meta_train.standalone TASK --data DIR --out DIR``: train our metanetwork and the peers on
+one weight-space dataset, same data and budget, and write ``OUT/results.md`` and ``OUT/results.json``.
+
+::
+
+    python -m meta_train.standalone make-small-data digits-inrs --out data/digits_inrs
+    python -m meta_train.standalone classify --data data/digits_inrs --out runs/classify
+    python -m meta_train.standalone regress --data data/sine_inrs --out runs/regress --target frequency
+    python -m meta_train.standalone generalization --data data/cnn_zoo --out runs/gen --models ours,statnn
+    tensorboard --logdir runs
+
+Models: ours (InvariantDWSNet), ours_np (InvariantNFN), nfn (the nfn package's NPLinear model),
+flat (MLP on the weight vector), statnn (weight statistics + MLP), deepsets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .harness import DEFAULT_MODELS, MODEL_HELP, ModelConfig, StandaloneError, TrainConfig, run_supervised
+
+__all__ = ["main", "build_parser", "TASKS"]
+
+TASKS = {
+    "classify": "INR classification (label column, test accuracy)",
+    "regress": "scalar regression from INR weights (default target: frequency; test MSE)",
+    "generalization": "classifier zoo: predict test_accuracy, Kendall tau on test networks",
+}
+
+
+def _add_common(p: argparse.ArgumentParser, default_epochs: int) -> None:
+    p.add_argument("--data", required=True, help="weight-dataset folder (shard-*.safetensors)")
+    p.add_argument("--out", required=True, help="output folder: results.md, results.json, tb/")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help="comma-separated, from: " + "; ".join(f"{k}: {v}" for k, v in MODEL_HELP.items()))
+    p.add_argument("--epochs", type=int, default=default_epochs)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--patience", type=int, default=0, help="early-stop after N epochs without val improvement (0: off)")
+    p.add_argument("--no-augment", action="store_true", help="no random hidden permutations of training batches")
+    p.add_argument("--hidden-channels", type=int, default=16, help="channels of the equivariant trunks")
+    p.add_argument("--num-layers", type=int, default=3, help="equivariant layers in the trunks")
+    p.add_argument("--head-hidden", type=int, default=128, help="width of MLP heads and of the flat/stat MLPs")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m meta_train.standalone", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("::")[1])
+    sub = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    for name, default_epochs in (("classify", 50), ("regress", 50), ("generalization", 50)):
+        sp = sub.add_parser(name, help=TASKS[name])
+        _add_common(sp, default_epochs)
+        if name == "regress":
+            sp.add_argument("--target", default="frequency", help="metadata column to regress")
+        if name == "classify":
+            sp.add_argument("--target", default="label", help="metadata column of class ids")
+        if name == "generalization":
+            sp.add_argument("--target", default="test_accuracy", help="metadata column to rank by")
+    from .smalldata import KINDS
+
+    sp = sub.add_parser("make-small-data", help="build a small dataset for tests and CPU runs")
+    sp.add_argument("kind", choices=sorted(KINDS))
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--n-train", type=int, default=400, help="networks in train (INR kinds)")
+    sp.add_argument("--n-val", type=int, default=100)
+    sp.add_argument("--n-test", type=int, default=100)
+    sp.add_argument("--steps", type=int, default=300, help="SIREN fitting steps (INR kinds)")
+    sp.add_argument("--n-per-run", type=int, default=40, help="CNNs per training run (cnn-zoo)")
+    sp.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _objective(task: str, target: str):
+    if task == "classify":
+        from .classify import Classification
+        return Classification(target)
+    if task == "regress":
+        from .regress import Regression
+        return Regression(target)
+    if task == "generalization":
+        from .generalization import Generalization
+        return Generalization(target)
+    raise StandaloneError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+
+
+def _make_small_data(args) -> None:
+    from tasks.weight_data import existing_shards, shard_path
+
+    from .smalldata import cnn_zoo, digits_inrs, sine_inrs
+
+    if existing_shards(args.out):
+        raise StandaloneError(f"{args.out} already holds a dataset; choose an empty folder")
+    if args.kind == "digits-inrs":
+        ds = digits_inrs(args.n_train, args.n_val, args.n_test, steps=args.steps, seed=args.seed)
+    elif args.kind == "sine-inrs":
+        ds = sine_inrs(args.n_train, args.n_val, args.n_test, steps=args.steps, seed=args.seed)
+    else:
+        ds = cnn_zoo(n_per_run=args.n_per_run, seed=args.seed)
+    ds.save_shard(shard_path(args.out, 0))
+    print(f"wrote {ds} to {args.out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.task == "make-small-data":
+            _make_small_data(args)
+            return 0
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model_cfg = ModelConfig(args.hidden_channels, args.num_layers, args.head_hidden, args.dropout)
+        train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                weight_decay=args.weight_decay, patience=args.patience, augment=not args.no_augment,
+                                seed=args.seed, device=args.device, progress=not args.no_progress)
+        command = "python -m meta_train.standalone " + shlex.join(argv)
+        rows = run_supervised(_objective(args.task, args.target), args.data, args.out, args.models, model_cfg,
+                              train_cfg, command)
+    except (StandaloneError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "results.md").read_text())
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

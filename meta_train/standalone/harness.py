@@ -1,0 +1,430 @@
+"""What every standalone weight-space task shares: data loading, normalization, the model zoo
+(ours and the peers), one training loop, and the results table.
+
+A task (``classify.py``, ``regress.py``, ...) only says what to predict and how to score it;
+this module trains *every* requested model on the same splits, with the same batches, the same
+augmentations and the same number of steps, so the table compares architectures and nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from metaopt.models import DeepSets, FlatMLP, InvariantDWSNet, InvariantNFN, StatNN
+from metaopt.optim.checkpoint import atomic_write
+from metaopt.weight_space import WeightSpace, WeightSpaceSpec, random_hidden_perms
+from tasks.weight_data import WeightDataset
+
+__all__ = ["MODELS", "DEFAULT_MODELS", "ModelConfig", "TrainConfig", "Normalizer", "Splits", "load_splits",
+           "build_model", "NFNInvariant", "train_model", "predict", "count_params", "write_results",
+           "parse_models", "StandaloneError"]
+
+
+class StandaloneError(ValueError):
+    """Bad input to a standalone task: unknown model, missing metadata column, empty split, ..."""
+
+
+# --------------------------------------------------------------------------- data
+class Normalizer:
+    """Per-tensor mean and std of the *training* networks (one scalar each per weight/bias tensor).
+
+    Why per tensor: SIREN first-layer weights and later weights differ in scale by ~w0, so one
+    global scale would drown the small ones. Why scalars: a scalar per tensor commutes with every
+    hidden permutation, so normalizing keeps the invariance the models are built on.
+    """
+
+    def __init__(self, means: Sequence[float], stds: Sequence[float]):
+        self.means, self.stds = list(means), list(stds)
+
+    @classmethod
+    def fit(cls, data: WeightDataset) -> "Normalizer":
+        means, stds = [], []
+        for t in (t for pair in zip(data.weights, data.biases) for t in pair):
+            t = t.double()
+            std = t.std().item() if t.numel() > 1 else 0.0
+            means.append(t.mean().item())
+            stds.append(std if std > 1e-12 else 1.0)  # constant tensors (absent biases) pass through centred
+        return cls(means, stds)
+
+    def __call__(self, ws: WeightSpace) -> WeightSpace:
+        if 2 * len(ws) != len(self.means):
+            raise StandaloneError(f"normalizer fitted on {len(self.means) // 2} layers, weight space has {len(ws)}")
+        w = [(t - self.means[2 * i]) / self.stds[2 * i] for i, t in enumerate(ws.weights)]
+        b = [(t - self.means[2 * i + 1]) / self.stds[2 * i + 1] for i, t in enumerate(ws.biases)]
+        return WeightSpace(w, b, ws.spec)
+
+    def to_json(self) -> dict:
+        return {"means": self.means, "stds": self.stds}
+
+
+@dataclass
+class Splits:
+    """The train/val/test networks of a dataset, already normalized, as one-channel weight spaces."""
+
+    spec: WeightSpaceSpec
+    train: WeightSpace
+    val: WeightSpace
+    test: WeightSpace
+    meta: dict[str, dict[str, Tensor]]  # split -> column -> [n]
+    normalizer: Normalizer
+    info: dict = field(default_factory=dict)
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": self.train.batch_size, "val": self.val.batch_size, "test": self.test.batch_size}
+
+
+def load_splits(data: str | Path | WeightDataset, columns: Sequence[str], device: str | torch.device = "cpu"
+                ) -> Splits:
+    """Load a dataset folder (or take a dataset), check it has ``columns`` and three non-empty splits,
+    fit the normalizer on train and move everything to ``device``."""
+    ds = data if isinstance(data, WeightDataset) else WeightDataset.load(data)
+    missing = [c for c in ("split", *columns) if c not in ds.meta]
+    if missing:
+        raise StandaloneError(f"dataset {data if not isinstance(data, WeightDataset) else ''} has no metadata "
+                              f"column(s) {missing}; it has {sorted(ds.meta)}. Is this the right kind of dataset "
+                              f"for this task?")
+    parts = {s: ds.split(s) for s in ("train", "val", "test")}
+    empty = [s for s, p in parts.items() if len(p) == 0]
+    if empty:
+        raise StandaloneError(f"split(s) {empty} of the dataset are empty; every task needs train, val and test "
+                              f"networks (sizes: { {s: len(p) for s, p in parts.items()} })")
+    norm = Normalizer.fit(parts["train"])
+    spaces = {s: norm(p.weight_space(device=device, dtype=torch.float32)) for s, p in parts.items()}
+    meta = {s: {c: p.meta[c] for c in p.meta} for s, p in parts.items()}
+    return Splits(ds.spec, spaces["train"], spaces["val"], spaces["test"], meta, norm, dict(ds.info))
+
+
+def take(ws: WeightSpace, index: Tensor) -> WeightSpace:
+    """Networks ``index`` of a batch of networks."""
+    index = index.to(ws.weights[0].device)
+    return WeightSpace([w[index] for w in ws.weights], [b[index] for b in ws.biases], ws.spec)
+
+
+# --------------------------------------------------------------------------- models
+MODELS = ("ours", "ours_np", "nfn", "flat", "statnn", "deepsets")
+DEFAULT_MODELS = ("ours", "nfn", "flat", "statnn")
+MODEL_HELP = {
+    "ours": "metaopt InvariantDWSNet (DWS/HNP layers, hidden-neuron pooling, MLP head)",
+    "ours_np": "metaopt InvariantNFN (NP layers, mean pooling, MLP head)",
+    "nfn": "nfn 0.1.2's NPLinear stack + HNPPool + MLP head (the `nfn` package's own layers)",
+    "flat": "MLP on the flattened weight vector",
+    "statnn": "per-tensor statistics + MLP (Unterthiner et al. 2020)",
+    "deepsets": "per-parameter DeepSets",
+}
+
+
+@dataclass
+class ModelConfig:
+    """Sizes shared by all models, so no model gets a bigger head by accident."""
+
+    hidden_channels: int = 16  # equivariant trunks (ours, nfn)
+    num_layers: int = 3  # equivariant layers in the trunk
+    head_hidden: int = 128  # MLP heads and the flat/stat MLP widths
+    dropout: float = 0.0
+
+
+def parse_models(text: str | Sequence[str]) -> list[str]:
+    names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown or not names:
+        raise StandaloneError(f"unknown model(s) {unknown or text!r}; choose from {', '.join(MODELS)}")
+    if len(set(names)) != len(names):
+        raise StandaloneError(f"model list {names} names a model twice")
+    return names
+
+
+class NFNInvariant(nn.Module):
+    """The peer from the ``nfn`` package (Zhou et al. 2023): NPLinear(io_embed) -> ReLU stack, HNPPool,
+    MLP head -- the invariant NFN of nfn's examples, built only from nfn's own layers.
+
+    Our WeightSpace is translated to nfn's WeightSpaceFeatures on the fly: linear weights are
+    ``[B, C, out, in]``; when any layer is a convolution, every weight becomes 6-D
+    ``[B, C, out, in, kh, kw]`` (a linear layer reading a flattened feature map of ``s`` positions
+    gets kernel ``(s, 1)``, a plain linear ``(1, 1)``), which is the layout nfn expects for CNNs.
+    """
+
+    def __init__(self, spec: WeightSpaceSpec, out_features: int, hidden_channels: int = 16, num_layers: int = 3,
+                 head_hidden: int = 128, dropout: float = 0.0):
+        super().__init__()
+        try:
+            from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
+            from nfn.layers import HNPPool, NPLinear, TupleOp
+        except ImportError as e:  # nfn is a dev extra
+            raise StandaloneError("model 'nfn' needs the nfn package: pip install nfn==0.1.2 einops") from e
+        self._features = WeightSpaceFeatures
+        self.conv = any(l.kernel for l in spec.layers)
+        example = self._to_nfn(WeightSpace([torch.zeros(1, 1, l.n_out, l.n_in, *l.kernel) for l in spec.layers],
+                                           [torch.zeros(1, 1, l.n_out) for l in spec.layers], spec))
+        nspec = network_spec_from_wsfeat(example)
+        layers: list[nn.Module] = []
+        c = 1
+        for _ in range(num_layers):
+            layers += [NPLinear(nspec, c, hidden_channels, io_embed=True), TupleOp(nn.ReLU())]
+            c = hidden_channels
+        self.trunk = nn.Sequential(*layers)
+        self.pool = HNPPool(nspec)
+        n_pool = hidden_channels * HNPPool.get_num_outs(nspec)
+        head = [nn.Linear(n_pool, head_hidden), nn.ReLU()]
+        if dropout:
+            head.append(nn.Dropout(dropout))
+        self.head = nn.Sequential(*head, nn.Linear(head_hidden, out_features))
+
+    def _to_nfn(self, ws: WeightSpace):
+        weights = []
+        for w, layer in zip(ws.weights, ws.spec.layers):
+            if self.conv:
+                k = layer.kernel if len(layer.kernel) == 2 else (layer.kernel + (1, 1))[:2]
+                w = w.reshape(*w.shape[:4], *k)
+            weights.append(w)
+        return self._features(weights, list(ws.biases))
+
+    def forward(self, ws: WeightSpace) -> Tensor:
+        return self.head(self.pool(self.trunk(self._to_nfn(ws))).flatten(1))
+
+
+def build_model(name: str, spec: WeightSpaceSpec, out_features: int, cfg: ModelConfig = ModelConfig()) -> nn.Module:
+    """A model mapping one-channel weight spaces of ``spec`` to ``[B, out_features]``."""
+    h, L = cfg.hidden_channels, cfg.num_layers
+    if name == "ours":
+        return InvariantDWSNet(spec, 1, out_features, hidden_channels=h, num_layers=L, head_hidden=cfg.head_hidden,
+                               dropout=cfg.dropout)
+    if name == "ours_np":
+        return InvariantNFN(spec, 1, out_features, hidden_channels=h, num_layers=L, head_hidden=cfg.head_hidden,
+                            dropout=cfg.dropout)
+    if name == "nfn":
+        return NFNInvariant(spec, out_features, h, L, cfg.head_hidden, cfg.dropout)
+    if name == "flat":
+        return FlatMLP(spec, 1, out_features, hidden=cfg.head_hidden, depth=3, dropout=cfg.dropout)
+    if name == "statnn":
+        return StatNN(spec, 1, out_features, hidden=cfg.head_hidden, depth=3)
+    if name == "deepsets":
+        return DeepSets(spec, 1, out_features, hidden=cfg.head_hidden)
+    raise StandaloneError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 0  # stop after this many epochs without a better val score (0: never stop early)
+    augment: bool = True  # random hidden permutations of every training batch
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    eval_batch_size: int = 256
+
+
+LossFn = Callable[[nn.Module, WeightSpace, Tensor], Tensor]  # (model, batch, batch indices) -> scalar loss
+ScoreFn = Callable[[nn.Module], float]  # model -> validation score, higher is better
+
+
+def augment_batch(ws: WeightSpace, generator: torch.Generator) -> WeightSpace:
+    """An independent random permutation of every hidden layer of every network: same functions."""
+    if not ws.spec.hidden_sizes:
+        return ws
+    return ws.permute_hidden(random_hidden_perms(ws.spec, generator, batch_size=ws.batch_size))
+
+
+def train_model(model: nn.Module, train: WeightSpace, loss_fn: LossFn, val_score: ScoreFn, cfg: TrainConfig,
+                name: str = "model", logdir: str | Path | None = None,
+                transform: Callable[[WeightSpace, torch.Generator], WeightSpace] | None = None) -> dict:
+    """Adam with a cosine learning-rate schedule over ``cfg.epochs``; keeps the weights of the epoch
+    with the best ``val_score`` (early stopping), loads them back into ``model`` and returns a summary.
+
+    ``transform`` replaces the default augmentation (random hidden permutations) when given; the
+    batch order and augmentations come from a generator seeded with ``cfg.seed``, so every model of
+    a run sees exactly the same batches.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    n = train.batch_size
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    writer = SummaryWriter(str(logdir)) if logdir is not None else None
+    augment = transform or (augment_batch if cfg.augment else None)
+    best = {"score": -math.inf, "epoch": -1, "state": copy.deepcopy(model.state_dict())}
+    history = []
+    start, step, stale = time.perf_counter(), 0, 0
+    bar = tqdm(range(cfg.epochs), desc=name, disable=not cfg.progress, leave=False)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(n, generator=gen)
+        total_loss = 0.0
+        for s in range(steps_per_epoch):
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            batch = take(train, idx)
+            if augment is not None:
+                batch = augment(batch, gen)
+            loss = loss_fn(model, batch, idx)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{name}: training loss became {loss.item()} at epoch {epoch}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += loss.item()
+            step += 1
+        model.eval()
+        with torch.no_grad():
+            score = float(val_score(model))
+        train_loss = total_loss / steps_per_epoch
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_score": score})
+        if writer is not None:
+            writer.add_scalar("train/loss", train_loss, epoch)
+            writer.add_scalar("val/score", score, epoch)
+            writer.add_scalar("train/lr", sched.get_last_lr()[0], epoch)
+        bar.set_postfix(loss=f"{train_loss:.4g}", val=f"{score:.4g}")
+        if score > best["score"] or best["epoch"] < 0:
+            best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+            stale = 0
+        else:
+            stale += 1
+            if cfg.patience and stale >= cfg.patience:
+                break
+    if writer is not None:
+        writer.close()
+    model.load_state_dict(best["state"])
+    model.eval()
+    return {"best_epoch": best["epoch"], "best_val_score": best["score"], "epochs_run": len(history),
+            "steps": step, "train_seconds": time.perf_counter() - start, "history": history}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, ws: WeightSpace, batch_size: int = 256) -> Tensor:
+    """``model`` on all networks of ``ws`` in eval mode, in batches: ``[n, out]``."""
+    model.eval()
+    outs = [model(take(ws, torch.arange(i, min(i + batch_size, ws.batch_size))))
+            for i in range(0, ws.batch_size, batch_size)]
+    return torch.cat(outs)
+
+
+# --------------------------------------------------------------------------- results
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v != v or math.isinf(v):
+            return str(v)
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3e}"
+        return f"{v:.4f}"
+    return str(v)
+
+
+def write_results(out: str | Path, task: str, rows: list[dict], columns: Sequence[str], header: dict,
+                  notes: Sequence[str] = ()) -> tuple[Path, Path]:
+    """``results.json`` (every field of every row, e.g. training histories) and ``results.md`` (a table of
+    ``columns`` per model), each written atomically."""
+    out = Path(out)
+    payload = {"task": task, **header, "rows": rows}
+    atomic_write(out / "results.json", json.dumps(payload, indent=2, default=_json_default) + "\n")
+    lines = [f"# {task}", ""]
+    lines += [f"- {k}: {v if not isinstance(v, dict) else json.dumps(v)}" for k, v in header.items()]
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    if notes:
+        lines += [""] + list(notes)
+    atomic_write(out / "results.md", "\n".join(lines) + "\n")
+    return out / "results.md", out / "results.json"
+
+
+def _json_default(o):
+    if isinstance(o, Tensor):
+        return o.tolist()
+    if hasattr(o, "__dataclass_fields__"):
+        return asdict(o)
+    return str(o)
+
+
+
+# --------------------------------------------------------------------------- supervised tasks
+class Objective:
+    """What a supervised task predicts from a network's weights, and how it is scored.
+
+    Subclasses set ``task``, ``column`` (the metadata column holding the target), ``metric`` (the
+    headline score, also used for early stopping on val) and ``higher_is_better``.
+    """
+
+    task: str = ""
+    column: str = ""
+    metric: str = ""
+    higher_is_better: bool = True
+
+    def setup(self, splits: Splits) -> int:
+        """Fit whatever the objective needs on the training split; return the number of outputs."""
+        raise NotImplementedError
+
+    def targets(self, splits: Splits, split: str) -> Tensor:
+        return splits.meta[split][self.column]
+
+    def loss(self, out: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def scores(self, out: Tensor, target: Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+    def reference(self, splits: Splits) -> dict[str, float]:
+        """Scores of a trivial predictor that reads no weights (chance level), for the table's notes."""
+        return {}
+
+
+def run_supervised(objective: Objective, data: str | Path | WeightDataset, out: str | Path,
+                   models: Sequence[str] = DEFAULT_MODELS, model_cfg: ModelConfig = ModelConfig(),
+                   train_cfg: TrainConfig = TrainConfig(), command: str = "") -> list[dict]:
+    """Train every model in ``models`` on ``data`` for ``objective``; write ``out/results.{md,json}``
+    and TensorBoard logs under ``out/tb/MODEL``; return the table rows."""
+    models = parse_models(models)
+    device = torch.device(train_cfg.device)
+    splits = load_splits(data, [objective.column], device)
+    out_features = objective.setup(splits)
+    targets = {s: objective.targets(splits, s).to(device) for s in ("train", "val", "test")}
+    sign = 1.0 if objective.higher_is_better else -1.0
+    rows = []
+    for name in models:
+        torch.manual_seed(train_cfg.seed)
+        model = build_model(name, splits.spec, out_features, model_cfg).to(device)
+
+        def loss_fn(m, batch, idx):
+            return objective.loss(m(batch), targets["train"][idx.to(device)])
+
+        def val_score(m):
+            return sign * objective.scores(predict(m, splits.val, train_cfg.eval_batch_size),
+                                           targets["val"])[objective.metric]
+
+        summary = train_model(model, splits.train, loss_fn, val_score, train_cfg, name=f"{objective.task}/{name}",
+                              logdir=Path(out) / "tb" / name)
+        test = objective.scores(predict(model, splits.test, train_cfg.eval_batch_size), targets["test"])
+        rows.append({"model": name, **{f"test_{k}": v for k, v in test.items()},
+                     f"val_{objective.metric}": sign * summary["best_val_score"], "params": count_params(model),
+                     "best_epoch": summary["best_epoch"], "train_seconds": summary["train_seconds"],
+                     "description": MODEL_HELP[name], "history": summary["history"]})
+    header = {"data": str(data) if not isinstance(data, WeightDataset) else "(in memory)",
+              "architecture": str(splits.spec), "sizes": splits.sizes(), "target": objective.column,
+              "command": command, "model_config": asdict(model_cfg),
+              "train_config": {k: v for k, v in asdict(train_cfg).items() if k != "progress"},
+              "reference": objective.reference(splits)}
+    metric_cols = [k for k in rows[0] if k.startswith("test_")]
+    notes = [f"Reference (no weights read): {json.dumps(header['reference'])}"] if header["reference"] else []
+    write_results(out, objective.task, rows,
+                  ["model", *metric_cols, f"val_{objective.metric}", "params", "best_epoch", "train_seconds"],
+                  header, notes)
+    return rows
