@@ -21,7 +21,9 @@ Adam at the grid's best lr (lowest final training loss at that horizon):
 * steps to reach Adam 1e-3's final loss, on the seed-mean loss curve smoothed by the same trailing
   10% window (so Adam 1e-3 reaches it by the last step), and the speedup Adam 1e-3's steps / these
   steps ("never" if the smoothed curve stays above it);
-* diverged: seeds whose final loss is non-finite or above twice the first step's loss.
+* diverged: seeds whose final loss is non-finite or above twice the first step's loss;
+* rose: seeds whose final loss is more than 10x the lowest loss their smoothed curve reached
+  earlier (training got somewhere, then lost it: what an unstable rule does beyond its horizon).
 
 Writes ``report.md`` (the tables printed here), ``results.json`` and ``curves.png`` to ``--out``.
 The default run takes about 15 minutes on 2 CPU cores; ``--quick`` runs 5 tasks with 2 seeds for
@@ -57,6 +59,7 @@ from metaopt import MetaNetOptimizer  # noqa: E402
 from metaopt.optim import DEFAULT_PATH  # noqa: E402
 
 LONG = 10  # the long horizon, in multiples of --steps
+ROSE_FACTOR = 10.0  # "rose": final loss this many times above the run's lowest (smoothed) loss
 
 
 def suite(quick: bool) -> list[tuple[str, str, tasks.TaskFamily, dict]]:
@@ -169,11 +172,13 @@ def summarize(curves: np.ndarray, metrics: list[dict], horizon: int, reference: 
     curves, reference = curves[:, :horizon], reference[:, :horizon].mean(0)
     finals = curves[:, -window:].mean(1)
     diverged = ~np.isfinite(finals) | (finals > 2 * curves[:, 0])
+    lowest = np.array([np.nanmin(smooth(c, window)) if np.isfinite(c).any() else np.nan for c in curves])
+    rose = np.isfinite(finals) & (finals > ROSE_FACTOR * lowest)
     target = smooth(reference, window)[-1]  # Adam 1e-3's final loss, so its own curve reaches it
     own, ref = steps_to(curves.mean(0), target, window), steps_to(reference, target, window)
     return {"mean_loss": float(curves.mean()), "final_loss": float(finals.mean()),
             "test": {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]},
-            "diverged": int(diverged.sum()), "steps_to_target": own,
+            "diverged": int(diverged.sum()), "rose": int(rose.sum()), "steps_to_target": own,
             "speedup": ref / own if ref and own else None}
 
 
@@ -218,8 +223,8 @@ def fmt_test(test: dict) -> str:
 def table(results: list[dict], horizon: int, title: str, seeds: int) -> str:
     lines = [f"### {horizon} steps ({title})", "",
              "| task | optimizer | mean train loss | final train loss | test loss / acc, or PSNR "
-             "| steps to Adam 1e-3's final loss | speedup | diverged |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| steps to Adam 1e-3's final loss | speedup | diverged | rose |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         at = r["horizons"][horizon]
         reference = at["rows"]["Adam 1e-3"]["steps_to_target"]
@@ -230,12 +235,13 @@ def table(results: list[dict], horizon: int, title: str, seeds: int) -> str:
                 else str(row["steps_to_target"])
             speedup = "" if row["speedup"] is None else f"{row['speedup']:.2f}x"
             lines.append(f"| {task} | {label} | {fmt(row['mean_loss'])} | {fmt(row['final_loss'])} "
-                         f"| {fmt_test(row['test'])} | {steps} | {speedup} | {row['diverged']}/{seeds} |")
+                         f"| {fmt_test(row['test'])} | {steps} | {speedup} | {row['diverged']}/{seeds} "
+                         f"| {row.get('rose', 0)}/{seeds} |")
     return "\n".join(lines) + "\n"
 
 
 def summary(results: list[dict], horizons: tuple[int, ...]) -> str:
-    wins, diverged = [], []
+    wins, diverged, rose = [], [], []
     for h in horizons:
         rows = [r["horizons"][h]["rows"] for r in results]
         beats = [sum(row["learned"]["final_loss"] < row[baseline]["final_loss"] for row in rows)
@@ -244,8 +250,11 @@ def summary(results: list[dict], horizons: tuple[int, ...]) -> str:
                     f"{beats[1]}/{len(rows)}")
         diverged += [f"{label} on {r['task']} at {h} steps ({row['diverged']} seeds)" for r in results
                      for label, row in r["horizons"][h]["rows"].items() if row["diverged"]]
+        rose += [f"{label} on {r['task']} at {h} steps ({row['rose']} seeds)" for r in results
+                 for label, row in r["horizons"][h]["rows"].items() if row.get("rose")]
     return (f"Learned optimizer (final train loss): {'; '.join(wins)}. "
-            f"Diverged: {', '.join(diverged) if diverged else 'none'}.")
+            f"Diverged: {', '.join(diverged) if diverged else 'none'}. "
+            f"Rose >{ROSE_FACTOR:g}x above their lowest loss: {', '.join(rose) if rose else 'none'}.")
 
 
 def plot(results: list[dict], horizon: int, path: Path) -> None:

@@ -38,6 +38,16 @@ def test_reference_reaches_its_own_final_loss_and_speedups():
     assert fast["steps_to_target"] == 2 and fast["speedup"] == 2.0
     blown = oq.summarize(np.array([[4.0] * 9 + [np.inf]]), metrics, 10, reference)
     assert blown["diverged"] == 1 and blown["steps_to_target"] is None and blown["speedup"] is None
+    assert own["rose"] == 0 and blown["rose"] == 0  # a blow-up counts as diverged, not as rose
+
+
+def test_rose_flags_a_loss_that_climbs_back():
+    metrics = [{"psnr": 1.0}]
+    climb = np.array([[1.0] + [1e-6] * 10 + [1e-2] * 9])  # reaches 1e-6, ends at 1e-2: below its start
+    steady = np.array([[1.0] + [1e-6] * 19])
+    assert oq.summarize(climb, metrics, 20, climb)["rose"] == 1
+    assert oq.summarize(climb, metrics, 20, climb)["diverged"] == 0
+    assert oq.summarize(steady, metrics, 20, steady)["rose"] == 0
 
 
 @pytest.mark.parametrize("family, config", [
