@@ -116,8 +116,10 @@ SMALL_BASE_LR = 1e-2
 
 register_suite(Suite(
     "small", "CPU: 8x8 digit classifiers (MLP/CNN) and short 8x8 SIREN fits (tasks/), metaopt.LearnedOptimizer",
+    # the recipe of the shipped default (docs/default_run/config.yaml), so a plain run reproduces it
     _small, defaults={"tasks_per_group": 8, "truncation_length": 10, "min_horizon": 50, "max_horizon": 300,
-                      "num_groups": 2, "eval_steps": 300, "eval_every": 100, "checkpoint_every": 50}))
+                      "num_groups": 4, "sigma": 0.03, "loss_transform": "relative", "outer_lr": 3e-4,
+                      "eval_steps": 300, "eval_every": 0, "checkpoint_every": 100}))
 register_suite(Suite(
     "large", "GPU: larger classifiers, INRs and RL policies (tasks/), metaopt.LearnedOptimizer",
     _pending("large", "tasks/ populations that can keep their data on a GPU"),
