@@ -62,6 +62,12 @@ class Normalizer:
         b = [(t - self.means[2 * i + 1]) / self.stds[2 * i + 1] for i, t in enumerate(ws.biases)]
         return WeightSpace(w, b, ws.spec)
 
+    def inverse(self, ws: WeightSpace) -> WeightSpace:
+        """Back to raw weights, e.g. to apply an augmentation that is exact only in raw units."""
+        w = [t * self.stds[2 * i] + self.means[2 * i] for i, t in enumerate(ws.weights)]
+        b = [t * self.stds[2 * i + 1] + self.means[2 * i + 1] for i, t in enumerate(ws.biases)]
+        return WeightSpace(w, b, ws.spec)
+
     def to_json(self) -> dict:
         return {"means": self.means, "stds": self.stds}
 

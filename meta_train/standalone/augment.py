@@ -1,0 +1,92 @@
+"""Weight-space augmentations: transformations of a network's weights that keep its function.
+
+For any MLP, permuting hidden neurons is exact (:func:`metaopt.random_hidden_perms`). A SIREN
+(hidden layers ``sin(w0 (W h + b))``) has two more exact symmetries per hidden neuron ``j``,
+because sine is odd and anti-periodic (``sin(-z) = -sin z``, ``sin(z + pi) = -sin z``):
+
+* **sign flip**: negate row ``j`` of ``W`` and ``b[j]`` (the neuron now outputs ``-sin z``) and
+  negate column ``j`` of the next weight (which undoes it);
+* **bias shift**: add ``m pi / w0`` to ``b[j]`` (the neuron outputs ``(-1)^m sin z``) and multiply
+  column ``j`` of the next weight by ``(-1)^m``.
+
+:func:`siren_symmetry` draws one sign and one shift per hidden neuron per network and applies both
+(plus a permutation): the augmented network renders the very same image, but its weights differ in
+ways an invariant-by-construction model is *not* blind to, so contrastive training must learn them.
+:func:`gaussian_noise` is an inexact augmentation (nearby functions), the usual SimCLR companion.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from metaopt.weight_space import WeightSpace, random_hidden_perms
+
+__all__ = ["siren_symmetry", "sign_flip", "bias_shift", "gaussian_noise", "permute"]
+
+
+def _check_linear(ws: WeightSpace, what: str) -> None:
+    if any(layer.kernel for layer in ws.spec.layers):
+        raise ValueError(f"{what} is a symmetry of SIRENs (chains of Linear layers); this weight space has "
+                         f"convolutions: [{ws.spec}]")
+
+
+def _apply(ws: WeightSpace, signs: list[Tensor], shifts: list[Tensor], w0: float) -> WeightSpace:
+    """Hidden set k+1 (output of weight k): row sign ``signs[k]``, bias shift ``shifts[k] * pi / w0``,
+    and the compensating column factor ``signs[k] * (-1)^shifts[k]`` on weight k+1. Each ``[B, n]``."""
+    weights, biases = list(ws.weights), list(ws.biases)
+    for k, (s, m) in enumerate(zip(signs, shifts)):
+        s = s.to(weights[k])
+        m = m.to(weights[k])
+        weights[k] = weights[k] * s[:, None, :, None]
+        biases[k] = biases[k] * s[:, None, :] + (m * (math.pi / w0))[:, None, :]
+        parity = 1.0 - 2.0 * torch.remainder(m, 2)  # (-1)^m
+        weights[k + 1] = weights[k + 1] * (s * parity)[:, None, None, :]
+    return WeightSpace(weights, biases, ws.spec)
+
+
+def sign_flip(ws: WeightSpace, generator: torch.Generator | None = None, p: float = 0.5) -> WeightSpace:
+    """Flip each hidden sine neuron's sign with probability ``p`` (exact for SIRENs, any w0)."""
+    _check_linear(ws, "sign_flip")
+    B = ws.batch_size
+    signs = [torch.where(torch.rand(B, n, generator=generator) < p, -1.0, 1.0) for n in ws.spec.hidden_sizes]
+    zeros = [torch.zeros(B, n) for n in ws.spec.hidden_sizes]
+    return _apply(ws, signs, zeros, 1.0)
+
+
+def bias_shift(ws: WeightSpace, w0: float, generator: torch.Generator | None = None, max_shift: int = 2
+               ) -> WeightSpace:
+    """Shift each hidden sine neuron's bias by ``m pi / w0`` with ``m`` uniform in ``[-max_shift, max_shift]``."""
+    _check_linear(ws, "bias_shift")
+    B = ws.batch_size
+    shifts = [torch.randint(-max_shift, max_shift + 1, (B, n), generator=generator).float()
+              for n in ws.spec.hidden_sizes]
+    ones = [torch.ones(B, n) for n in ws.spec.hidden_sizes]
+    return _apply(ws, ones, shifts, w0)
+
+
+def permute(ws: WeightSpace, generator: torch.Generator | None = None) -> WeightSpace:
+    """An independent random permutation of every hidden layer of every network."""
+    if not ws.spec.hidden_sizes:
+        return ws
+    return ws.permute_hidden(random_hidden_perms(ws.spec, generator, batch_size=ws.batch_size))
+
+
+def siren_symmetry(ws: WeightSpace, w0: float, generator: torch.Generator | None = None, max_shift: int = 2
+                   ) -> WeightSpace:
+    """A random element of the SIREN's exact symmetry group: signs, bias shifts and permutations."""
+    _check_linear(ws, "siren_symmetry")
+    B = ws.batch_size
+    signs = [torch.where(torch.rand(B, n, generator=generator) < 0.5, -1.0, 1.0) for n in ws.spec.hidden_sizes]
+    shifts = [torch.randint(-max_shift, max_shift + 1, (B, n), generator=generator).float()
+              for n in ws.spec.hidden_sizes]
+    return permute(_apply(ws, signs, shifts, w0), generator)
+
+
+def gaussian_noise(ws: WeightSpace, std: float, generator: torch.Generator | None = None) -> WeightSpace:
+    """Add ``N(0, std^2)`` to every weight and bias (inexact: a nearby function)."""
+    if std == 0:
+        return ws
+    return ws.map(lambda t: t + std * torch.randn(t.shape, generator=generator).to(t))

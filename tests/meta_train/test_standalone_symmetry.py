@@ -1,0 +1,172 @@
+"""Symmetries the standalone tasks rely on: every head is invariant to hidden permutations, and the
+SIREN augmentations of embed/SimCLR leave the encoded image unchanged (rendered before and after)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from meta_train.standalone import augment
+from meta_train.standalone.harness import MODELS, ModelConfig, Normalizer, build_model
+from metaopt import WeightSpace, random_hidden_perms
+from tasks.base import Sine
+from tasks.weight_data import WeightDataset
+
+W0 = 30.0
+
+
+def _mlp(*sizes):
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+ARCHS = {
+    "siren_2_5_7_1": lambda: _mlp(2, 5, 7, 1),
+    "mlp_3_9_2": lambda: _mlp(3, 9, 2),
+    "mlp_1_4_6_3_1": lambda: _mlp(1, 4, 6, 3, 1),
+    "cnn_flatten": lambda: nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                                         nn.Flatten(), nn.Linear(4 * 16, 5)),
+}
+
+
+def _batch(arch, n=4, seed=0):
+    torch.manual_seed(seed)
+    return WeightSpace.from_modules([ARCHS[arch]() for _ in range(n)])
+
+
+def _uncoupled(ws, g):
+    """Permute rows of W_0/b_0 only: a different function, which an invariant model must notice."""
+    n = ws.spec.neuron_sizes[1]
+    p = torch.roll(torch.arange(n), 1)
+    weights, biases = list(ws.weights), list(ws.biases)
+    weights[0], biases[0] = weights[0][:, :, p], biases[0][:, :, p]
+    return WeightSpace(weights, biases, ws.spec)
+
+
+INVARIANT = [m for m in MODELS if m != "flat"]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("name", INVARIANT)
+def test_heads_are_invariant_to_hidden_permutations(arch, name):
+    ws = _batch(arch)
+    torch.manual_seed(1)
+    model = build_model(name, ws.spec, 3, ModelConfig(hidden_channels=5, num_layers=2, head_hidden=16)).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        out = model(ws)
+        for _ in range(3):
+            permuted = model(ws.permute_hidden(random_hidden_perms(ws.spec, g, batch_size=ws.batch_size)))
+            assert (permuted - out).abs().max().item() < 1e-5
+    assert out.shape == (4, 3)
+
+
+@pytest.mark.parametrize("arch", ["siren_2_5_7_1", "cnn_flatten"])
+@pytest.mark.parametrize("name", ["ours", "ours_np", "nfn"])
+def test_equivariant_heads_see_uncoupled_permutations(arch, name):
+    """The invariance test above could pass for a model that ignores structure; this one cannot."""
+    ws = _batch(arch)
+    torch.manual_seed(1)
+    model = build_model(name, ws.spec, 3, ModelConfig(hidden_channels=5, num_layers=2, head_hidden=16)).eval()
+    with torch.no_grad():
+        out = model(ws)
+        assert (model(_uncoupled(ws, None)) - out).abs().max().item() > 1e-4 * out.abs().max().item()
+
+
+def test_flat_mlp_is_not_invariant():
+    ws = _batch("siren_2_5_7_1")
+    torch.manual_seed(1)
+    model = build_model("flat", ws.spec, 3, ModelConfig(head_hidden=16)).eval()
+    perms = random_hidden_perms(ws.spec, torch.Generator().manual_seed(2), batch_size=ws.batch_size)
+    with torch.no_grad():
+        assert (model(ws.permute_hidden(perms)) - model(ws)).abs().max() > 1e-4
+
+
+def test_normalizer_commutes_with_permutations_and_inverts():
+    ws = _batch("mlp_1_4_6_3_1", n=6)
+    ds = WeightDataset(ws.spec, [w[:, 0] for w in ws.weights], [b[:, 0] for b in ws.biases])
+    norm = Normalizer.fit(ds)
+    perms = random_hidden_perms(ws.spec, torch.Generator().manual_seed(0), batch_size=6)
+    a, b = norm(ws.permute_hidden(perms)), norm(ws).permute_hidden(perms)
+    assert all(torch.allclose(x, y) for x, y in zip(a.tensors(), b.tensors()))
+    back = norm.inverse(norm(ws))
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(back.tensors(), ws.tensors()))
+    for t in norm(ws).tensors()[:-1]:  # the 1-entry last bias aside, each tensor is standardized
+        assert abs(t.mean().item()) < 1e-5 and abs(t.std().item() - 1) < 0.05
+
+
+# ----------------------------------------------------------------------------- SIREN symmetries
+def _sirens(n=3, sizes=(2, 8, 6, 1), seed=0):
+    torch.manual_seed(seed)
+    nets = []
+    for _ in range(n):
+        layers = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(Sine(W0))
+        net = nn.Sequential(*layers)
+        with torch.no_grad():  # SIREN-like scales, so sines wrap many times
+            for i, m in enumerate(l for l in net if isinstance(l, nn.Linear)):
+                m.weight.uniform_(-1 / m.in_features if i == 0 else -math.sqrt(6 / m.in_features) / W0,
+                                  1 / m.in_features if i == 0 else math.sqrt(6 / m.in_features) / W0)
+        nets.append(net)
+    return nets
+
+
+def _render(ws, template, coords):
+    return torch.stack([m(coords) for m in ws.to_modules(template)])
+
+
+@pytest.mark.parametrize("transform", ["sign_flip", "bias_shift", "permute", "siren_symmetry"])
+@pytest.mark.parametrize("sizes", [(2, 8, 6, 1), (1, 16, 1), (2, 5, 7, 4, 1)])
+def test_siren_symmetries_keep_the_rendered_signal(transform, sizes):
+    nets = _sirens(sizes=sizes)
+    ws = WeightSpace.from_modules(nets)
+    coords = torch.rand(200, sizes[0]) * 2 - 1
+    g = torch.Generator().manual_seed(3)
+    fn = {"sign_flip": lambda w: augment.sign_flip(w, g),
+          "bias_shift": lambda w: augment.bias_shift(w, W0, g, max_shift=3),
+          "permute": lambda w: augment.permute(w, g),
+          "siren_symmetry": lambda w: augment.siren_symmetry(w, W0, g)}[transform]
+    out = fn(ws)
+    changed = max((a - b).abs().max().item() for a, b in zip(out.tensors(), ws.tensors()))
+    assert changed > 1e-3, "the augmentation must actually change the weights"
+    with torch.no_grad():
+        before, after = _render(ws, nets[0], coords), _render(out, nets[0], coords)
+    assert (before - after).abs().max().item() < 1e-4 * max(1.0, before.abs().max().item())
+
+
+def test_an_uncompensated_sign_flip_changes_the_signal():
+    """Negating a neuron without negating its outgoing weights is *not* a symmetry: the render test sees it."""
+    nets = _sirens()
+    ws = WeightSpace.from_modules(nets)
+    weights, biases = list(ws.weights), list(ws.biases)
+    weights[0] = weights[0].clone()
+    biases[0] = biases[0].clone()
+    weights[0][:, :, 0] *= -1
+    biases[0][:, :, 0] *= -1
+    broken = WeightSpace(weights, biases, ws.spec)
+    coords = torch.rand(200, 2) * 2 - 1
+    with torch.no_grad():
+        assert (_render(ws, nets[0], coords) - _render(broken, nets[0], coords)).abs().max() > 1e-3
+
+
+def test_wrong_w0_bias_shift_changes_the_signal():
+    nets = _sirens()
+    ws = WeightSpace.from_modules(nets)
+    coords = torch.rand(200, 2) * 2 - 1
+    shifted = augment.bias_shift(ws, W0 / 2, torch.Generator().manual_seed(0), max_shift=1)  # pi/15: not a period
+    with torch.no_grad():
+        assert (_render(ws, nets[0], coords) - _render(shifted, nets[0], coords)).abs().max() > 1e-3
+
+
+def test_siren_symmetries_refuse_convolutions():
+    ws = _batch("cnn_flatten")
+    with pytest.raises(ValueError, match="convolutions"):
+        augment.siren_symmetry(ws, W0)
