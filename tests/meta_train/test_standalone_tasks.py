@@ -1,0 +1,180 @@
+"""The standalone weight-space tasks end to end on tiny datasets built here (seconds on CPU), their
+errors on bad input, and that a learnable signal in the weights is actually learned."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from meta_train.standalone.__main__ import main
+from meta_train.standalone.classify import Classification
+from meta_train.standalone.generalization import Generalization, kendall_tau
+from meta_train.standalone.harness import ModelConfig, StandaloneError, TrainConfig, run_supervised
+from meta_train.standalone.smalldata import digits_inrs, sine_inrs, split_column
+from metaopt import WeightSpace
+from tasks.weight_data import WeightDataset, shard_path
+
+ALL = "ours,ours_np,nfn,flat,statnn,deepsets"
+FAST = ["--epochs", "2", "--no-progress", "--hidden-channels", "4", "--num-layers", "2", "--head-hidden", "16",
+        "--batch-size", "8", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("digits")
+    digits_inrs(16, 6, 6, hidden=(8, 8), steps=20).save_shard(shard_path(folder, 0))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sine_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sine")
+    sine_inrs(16, 6, 6, hidden=(8,), points=32, steps=20).save_shard(shard_path(folder, 0))
+    return folder
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 4, 5))
+
+
+def synthetic_zoo(n_train, n_val, n_test, seed=0):
+    """Random CNNs whose 'test accuracy' is a smooth function of a permutation-invariant weight statistic
+    (the mean squared last-layer weight after a random rescaling), as a stand-in for a trained zoo."""
+    torch.manual_seed(seed)
+    n = n_train + n_val + n_test
+    nets = [_cnn() for _ in range(n)]
+    scale = torch.rand(n) * 2 + 0.25
+    with torch.no_grad():
+        for net, s in zip(nets, scale):
+            net[-1].weight.mul_(s)
+    ws = WeightSpace.from_modules(nets)
+    acc = torch.sigmoid(4 * (ws.weights[-1].square().mean(dim=(1, 2, 3, 4)) / 0.02 - 1))
+    return WeightDataset(ws.spec, [w[:, 0] for w in ws.weights], [b[:, 0] for b in ws.biases],
+                         {"test_accuracy": acc, "epoch": torch.zeros(n), "split": split_column(n_train, n_val, n_test)})
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zoo")
+    synthetic_zoo(16, 6, 6).save_shard(shard_path(folder, 0))
+    return folder
+
+
+def _results(out):
+    payload = json.loads((out / "results.json").read_text())
+    md = (out / "results.md").read_text()
+    return payload, md
+
+
+@pytest.mark.parametrize("task,fixture,metric", [("classify", "digits_dir", "test_accuracy"),
+                                                 ("regress", "sine_dir", "test_mse"),
+                                                 ("generalization", "zoo_dir", "test_kendall_tau")])
+def test_task_end_to_end(task, fixture, metric, request, tmp_path):
+    data = request.getfixturevalue(fixture)
+    out = tmp_path / "out"
+    assert main([task, "--data", str(data), "--out", str(out), "--models", ALL, *FAST]) == 0
+    payload, md = _results(out)
+    assert [r["model"] for r in payload["rows"]] == ALL.split(",")
+    for row in payload["rows"]:
+        assert math.isfinite(row[metric]), row
+        assert row["params"] > 0 and row["train_seconds"] > 0
+        assert len(row["history"]) == 2
+        assert f"| {row['model']} |" in md
+        assert (out / "tb" / row["model"]).is_dir()
+    assert payload["sizes"] == {"train": 16, "val": 6, "test": 6}
+    assert payload["command"].startswith(f"python -m meta_train.standalone {task} ")
+    assert payload["reference"]
+
+
+def test_results_tables_are_rewritten_whole(digits_dir, tmp_path):
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "results.md").write_text("stale\n")
+    assert main(["classify", "--data", str(digits_dir), "--out", str(out), "--models", "statnn", *FAST]) == 0
+    payload, md = _results(out)
+    assert "stale" not in md and [r["model"] for r in payload["rows"]] == ["statnn"]
+    assert not list(out.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------- errors
+def test_missing_metadata_column_is_a_clear_error(sine_dir, tmp_path, capsys):
+    assert main(["classify", "--data", str(sine_dir), "--out", str(tmp_path), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "label" in err and "frequency" in err  # what is missing, and what the dataset has
+
+
+def test_unknown_model_is_a_clear_error(digits_dir, tmp_path, capsys):
+    assert main(["classify", "--data", str(digits_dir), "--out", str(tmp_path), "--models", "ours,mlp", *FAST]) == 2
+    assert "mlp" in capsys.readouterr().err
+
+
+def test_unknown_task_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["segment", "--data", "x", "--out", "y"])
+    assert "segment" in capsys.readouterr().err
+
+
+def test_mixed_architectures_are_a_clear_error(digits_dir, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    WeightDataset.load(digits_dir).save_shard(shard_path(folder, 0))
+    digits_inrs(4, 2, 2, hidden=(6, 6), steps=2).save_shard(shard_path(folder, 1))
+    assert main(["classify", "--data", str(folder), "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert "architecture" in capsys.readouterr().err
+
+
+def test_empty_split_is_a_clear_error(tmp_path):
+    ds = synthetic_zoo(8, 0, 4)
+    with pytest.raises(StandaloneError, match="val"):
+        run_supervised(Generalization(), ds, tmp_path, ["statnn"], train_cfg=TrainConfig(epochs=1, progress=False))
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["regress", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert "no shard" in capsys.readouterr().err
+
+
+def test_kendall_tau():
+    x = torch.arange(10.0)
+    assert kendall_tau(x, x) == pytest.approx(1.0)
+    assert kendall_tau(x, -x) == pytest.approx(-1.0)
+
+
+# ----------------------------------------------------------------------------- learning
+def _scaled_mlps(n_train, n_val, n_test, seed=0):
+    """MLPs 3-8-8-2 whose first layer is scaled by 0.4 (class 0) or 2.5 (class 1) after a random
+    global rescale of the whole network: the class is in the *relative* layer scales, readable
+    only from the weights."""
+    torch.manual_seed(seed)
+    n = n_train + n_val + n_test
+    labels = torch.randint(0, 2, (n,))
+    nets = []
+    for y in labels:
+        net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        with torch.no_grad():
+            net[0].weight.mul_(2.5 if y else 0.4)
+            g = float(torch.rand(()) + 0.5)
+            for p in net.parameters():
+                p.mul_(g)
+        nets.append(net)
+    ws = WeightSpace.from_modules(nets)
+    return WeightDataset(ws.spec, [w[:, 0] for w in ws.weights], [b[:, 0] for b in ws.biases],
+                         {"label": labels, "split": split_column(n_train, n_val, n_test)})
+
+
+def test_a_learnable_label_is_learned(tmp_path):
+    ds = _scaled_mlps(160, 40, 100)
+    torch.set_num_threads(1)
+    rows = run_supervised(Classification(), ds, tmp_path, ["ours"], ModelConfig(hidden_channels=8, num_layers=2,
+                          head_hidden=32), TrainConfig(epochs=15, batch_size=32, lr=3e-3, progress=False))
+    assert rows[0]["test_accuracy"] > 0.9  # chance is ~0.5
+
+
+def test_a_learnable_ranking_is_learned(tmp_path):
+    ds = synthetic_zoo(200, 40, 80, seed=1)
+    torch.set_num_threads(1)
+    rows = run_supervised(Generalization(), ds, tmp_path, ["ours"], ModelConfig(hidden_channels=8, num_layers=2,
+                          head_hidden=32), TrainConfig(epochs=15, batch_size=32, lr=3e-3, progress=False))
+    assert rows[0]["test_kendall_tau"] > 0.6  # an untrained model ranks at ~0
