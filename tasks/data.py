@@ -94,10 +94,21 @@ def load_digits(split: str = "train", test_fraction: float = 0.2) -> tuple[torch
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     x, y = _digits()
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    n_test = int(round(len(x) * test_fraction))
-    idx = order[n_test:] if split == "train" else order[:n_test]
+    train, test = digits_split_indices(test_fraction)
+    idx = train if split == "train" else test
     return x[idx], y[idx]
+
+
+def digits_split_indices(test_fraction: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices into scikit-learn's digits order of the ``(train, test)`` images of :func:`load_digits`.
+
+    A fixed shuffle (seed 0); its first ``test_fraction`` is the test split.  The INR
+    dataset builder carves its validation split out of the train indices, in this order.
+    """
+    n = len(_digits()[1])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    n_test = int(round(n * test_fraction))
+    return order[n_test:], order[:n_test]
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
