@@ -7,6 +7,8 @@ one weight-space dataset, same data and budget, and write ``OUT/results.md`` and
     python -m meta_train.standalone classify --data data/digits_inrs --out runs/classify
     python -m meta_train.standalone regress --data data/sine_inrs --out runs/regress --target frequency
     python -m meta_train.standalone generalization --data data/cnn_zoo --out runs/gen --models ours,statnn
+    python -m meta_train.standalone embed --data data/digits_inrs --out runs/embed     # + runs/embed/tsne.png
+    python -m meta_train.standalone edit --data data/digits_inrs --out runs/edit       # + runs/edit/edits.png
     tensorboard --logdir runs
 
 Models: ours (InvariantDWSNet), ours_np (InvariantNFN), nfn (the nfn package's NPLinear model),
@@ -27,18 +29,22 @@ from .harness import DEFAULT_MODELS, MODEL_HELP, ModelConfig, StandaloneError, T
 
 __all__ = ["main", "build_parser", "TASKS"]
 
+EDIT_DEFAULT = ("ours", "nfn", "flat")
 TASKS = {
     "classify": "INR classification (label column, test accuracy)",
     "regress": "scalar regression from INR weights (default target: frequency; test MSE)",
     "generalization": "classifier zoo: predict test_accuracy, Kendall tau on test networks",
+    "embed": "SimCLR embeddings from SIREN-symmetry augmentations; linear probe, kNN, t-SNE plot",
+    "edit": "INR editing: equivariant map to the weights of the dilated image; test MSE, edits.png",
 }
 
 
 def _add_common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     p.add_argument("--data", required=True, help="weight-dataset folder (shard-*.safetensors)")
     p.add_argument("--out", required=True, help="output folder: results.md, results.json, tb/")
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                   help="comma-separated, from: " + "; ".join(f"{k}: {v}" for k, v in MODEL_HELP.items()))
+    p.add_argument("--models", default=None,
+                   help=f"comma-separated (default: {','.join(DEFAULT_MODELS)}; for edit: {','.join(EDIT_DEFAULT)}), "
+                        "from: " + "; ".join(f"{k}: {v}" for k, v in MODEL_HELP.items()))
     p.add_argument("--epochs", type=int, default=default_epochs)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -59,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m meta_train.standalone", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("::")[1])
     sub = p.add_subparsers(dest="task", required=True, metavar="TASK")
-    for name, default_epochs in (("classify", 50), ("regress", 50), ("generalization", 50)):
+    for name, default_epochs in (("classify", 50), ("regress", 50), ("generalization", 50), ("embed", 50),
+                                 ("edit", 50)):
         sp = sub.add_parser(name, help=TASKS[name])
         _add_common(sp, default_epochs)
         if name == "regress":
@@ -68,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--target", default="label", help="metadata column of class ids")
         if name == "generalization":
             sp.add_argument("--target", default="test_accuracy", help="metadata column to rank by")
+        if name == "embed":
+            sp.add_argument("--target", default="label", help="class column, used only to evaluate the embeddings")
+            sp.add_argument("--dim", type=int, default=32, help="embedding size")
+            sp.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature")
+            sp.add_argument("--noise", type=float, default=0.05, help="Gaussian noise of the views (normalized units)")
+        if name in ("embed", "edit"):
+            sp.add_argument("--w0", type=float, default=30.0, help="the SIRENs' w0")
+            sp.add_argument("--no-plot", action="store_true", help="skip the plot")
+        if name == "edit":
+            sp.add_argument("--size", type=int, default=None,
+                            help="image side in pixels (default: the dataset's recorded image_size)")
+            sp.add_argument("--kernel", type=int, default=3, help="dilation window (pixels)")
     from .smalldata import KINDS
 
     sp = sub.add_parser("make-small-data", help="build a small dataset for tests and CPU runs")
@@ -126,8 +145,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 weight_decay=args.weight_decay, patience=args.patience, augment=not args.no_augment,
                                 seed=args.seed, device=args.device, progress=not args.no_progress)
         command = "python -m meta_train.standalone " + shlex.join(argv)
-        rows = run_supervised(_objective(args.task, args.target), args.data, args.out, args.models, model_cfg,
-                              train_cfg, command)
+        models = args.models or ",".join(EDIT_DEFAULT if args.task == "edit" else DEFAULT_MODELS)
+        if args.task == "edit":
+            from .edit import run_edit
+
+            rows = run_edit(args.data, args.out, models, model_cfg, train_cfg, args.size, args.w0, args.kernel,
+                            not args.no_plot, command)
+        elif args.task == "embed":
+            from .embed import run_embed
+
+            rows = run_embed(args.data, args.out, models, model_cfg, train_cfg, args.dim, args.temperature,
+                             args.noise, args.w0, args.target, not args.no_plot, command)
+        else:
+            rows = run_supervised(_objective(args.task, args.target), args.data, args.out, models, model_cfg,
+                                  train_cfg, command)
     except (StandaloneError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

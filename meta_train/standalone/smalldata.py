@@ -76,7 +76,8 @@ def digits_inrs(n_train: int, n_val: int, n_test: int, hidden: Sequence[int] = (
     net, params, mse = _fit(images, hidden, steps, lr, seeds)
     meta = {"label": labels, "split": split_column(n_train, n_val, n_test),
             "seed": torch.as_tensor(seeds.astype(np.int64)), "psnr": psnr(mse).float()}
-    return params_to_dataset(net, params, meta, {"kind": "digits_inrs", "steps": steps, "lr": lr})
+    return params_to_dataset(net, params, meta, {"kind": "digits_inrs", "steps": steps, "lr": lr,
+                                                        "image_size": 8, "w0": 30.0})
 
 
 def sine_inrs(n_train: int, n_val: int, n_test: int, hidden: Sequence[int] = (32,), points: int = 64,
@@ -94,7 +95,8 @@ def sine_inrs(n_train: int, n_val: int, n_test: int, hidden: Sequence[int] = (32
     net, params, mse = _fit(signals, hidden, steps, lr, seeds)
     meta = {"amplitude": amplitude, "frequency": frequency, "split": split_column(n_train, n_val, n_test),
             "psnr": psnr(mse).float()}
-    return params_to_dataset(net, params, meta, {"kind": "sine_inrs", "steps": steps, "points": points})
+    return params_to_dataset(net, params, meta, {"kind": "sine_inrs", "steps": steps, "points": points,
+                                                        "w0": 30.0})
 
 
 def cnn_zoo(n_per_run: int = 40, channels: Sequence[int] = (4, 4), checkpoints: Sequence[int] = (5, 20, 80, 300),
