@@ -16,6 +16,8 @@ from meta_train.standalone.smalldata import digits_inrs, sine_inrs, split_column
 from metaopt import WeightSpace
 from tasks.weight_data import WeightDataset, shard_path
 
+from _standalone_data import synthetic_zoo
+
 ALL = "ours,ours_np,nfn,flat,statnn,deepsets"
 FAST = ["--epochs", "2", "--no-progress", "--hidden-channels", "4", "--num-layers", "2", "--head-hidden", "16",
         "--batch-size", "8", "--threads", "1"]
@@ -33,27 +35,6 @@ def sine_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sine")
     sine_inrs(16, 6, 6, hidden=(8,), points=32, steps=20).save_shard(shard_path(folder, 0))
     return folder
-
-
-def _cnn():
-    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 4, 5))
-
-
-def synthetic_zoo(n_train, n_val, n_test, seed=0):
-    """Random CNNs whose 'test accuracy' is a smooth function of a permutation-invariant weight statistic
-    (the mean squared last-layer weight after a random rescaling), as a stand-in for a trained zoo."""
-    torch.manual_seed(seed)
-    n = n_train + n_val + n_test
-    nets = [_cnn() for _ in range(n)]
-    scale = torch.rand(n) * 2 + 0.25
-    with torch.no_grad():
-        for net, s in zip(nets, scale):
-            net[-1].weight.mul_(s)
-    ws = WeightSpace.from_modules(nets)
-    acc = torch.sigmoid(4 * (ws.weights[-1].square().mean(dim=(1, 2, 3, 4)) / 0.02 - 1))
-    return WeightDataset(ws.spec, [w[:, 0] for w in ws.weights], [b[:, 0] for b in ws.biases],
-                         {"test_accuracy": acc, "epoch": torch.zeros(n), "split": split_column(n_train, n_val, n_test)})
 
 
 @pytest.fixture(scope="module")

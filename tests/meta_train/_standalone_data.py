@@ -1,0 +1,29 @@
+"""Tiny synthetic weight datasets shared by the standalone-task tests."""
+
+import torch
+from torch import nn
+
+from meta_train.standalone.smalldata import split_column
+from metaopt import WeightSpace
+from tasks.weight_data import WeightDataset
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 4, 5))
+
+
+def synthetic_zoo(n_train, n_val, n_test, seed=0):
+    """Random CNNs whose 'test accuracy' is a smooth function of a permutation-invariant weight statistic
+    (the mean squared last-layer weight after a random rescaling), as a stand-in for a trained zoo."""
+    torch.manual_seed(seed)
+    n = n_train + n_val + n_test
+    nets = [_cnn() for _ in range(n)]
+    scale = torch.rand(n) * 2 + 0.25
+    with torch.no_grad():
+        for net, s in zip(nets, scale):
+            net[-1].weight.mul_(s)
+    ws = WeightSpace.from_modules(nets)
+    acc = torch.sigmoid(4 * (ws.weights[-1].square().mean(dim=(1, 2, 3, 4)) / 0.02 - 1))
+    return WeightDataset(ws.spec, [w[:, 0] for w in ws.weights], [b[:, 0] for b in ws.biases],
+                         {"test_accuracy": acc, "epoch": torch.zeros(n), "split": split_column(n_train, n_val, n_test)})
