@@ -216,6 +216,8 @@ class LearnedOptimizerProblem:
             self._cache.move_to_end(key)
             return self._cache[key]
         pop = self.families[family].population(seed, size)
+        if hasattr(pop, "to"):  # tasks/ populations build on the CPU; families that build on a device need not
+            pop = pop.to(self.device)
         self._cache[key] = pop
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

@@ -308,6 +308,15 @@ class Population:
         self.tasks = list(tasks)
         self.network = tasks[0].network
         self.data = type(tasks[0]).stack_data(self.tasks)
+        self.device = torch.device("cpu")
+        self._device_data = None  # self.data on self.device, for evaluation
+
+    def to(self, device: torch.device | str) -> "Population":
+        """Compute on ``device``. Batches are still drawn on the CPU, from the CPU generator, and
+        then moved: the same seeds give the same batches on every device."""
+        self.device = torch.device(device)
+        self._device_data = None if self.device.type == "cpu" else _to_device(self.data, self.device)
+        return self
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -322,7 +331,8 @@ class Population:
         return {k: torch.stack([m[k] for m in members]) for k in members[0]}
 
     def sample_batch(self, generator: torch.Generator) -> Any:
-        return self.tasks[0].batch_from(self.data, generator)
+        batch = self.tasks[0].batch_from(self.data, generator)
+        return batch if self._device_data is None else _to_device(batch, self.device)
 
     def loss(self, params: Params, batch: Any) -> Tensor:
         P = self.network.check(params)
@@ -332,11 +342,16 @@ class Population:
 
     @torch.no_grad()
     def evaluate(self, params: Params) -> dict[str, Tensor]:
-        return self.tasks[0].metrics(self.data, lambda x: self.network.forward(params, x))
+        data = self.data if self._device_data is None else self._device_data
+        return self.tasks[0].metrics(data, lambda x: self.network.forward(params, x))
 
     def module(self, params: Params, i: int) -> nn.Sequential:
         """Member ``i`` as an ``nn.Sequential``."""
         return self.tasks[i].module(member(params, i))
+
+
+def _to_device(tree: Any, device: torch.device) -> Any:
+    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, tree)
 
 
 def member(params: Params, i: int) -> Params:

@@ -82,8 +82,8 @@ class ClassifierTask(Task):
 
     def metrics(self, data: ClassifyData, forward: Forward, chunk: int = 250) -> dict[str, Tensor]:
         P = data.subsets.shape[0]
-        loss_sum = torch.zeros(P)
-        correct = torch.zeros(P)
+        loss_sum = torch.zeros(P, device=data.test_labels.device)
+        correct = torch.zeros(P, device=data.test_labels.device)
         for start in range(0, len(data.test_labels), chunk):  # chunks bound the [P, chunk, ...] copies
             x = data.test_images[start:start + chunk]
             y = data.test_labels[start:start + chunk].expand(P, -1)

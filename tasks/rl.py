@@ -205,8 +205,8 @@ def episode_returns(forward: Forward, env: BatchedEnv, states: Tensor, max_steps
     ``forward`` maps observations ``[P, E, obs_dim]`` to policy outputs, e.g.
     ``functools.partial(network.forward, stacked_params)``.
     """
-    total = torch.zeros(states.shape[:-1], dtype=_F64)
-    alive = torch.ones(states.shape[:-1], dtype=torch.bool)
+    total = torch.zeros(states.shape[:-1], dtype=_F64, device=states.device)
+    alive = torch.ones(states.shape[:-1], dtype=torch.bool, device=states.device)
     for _ in range(max_steps or env.max_steps):
         action, _ = policy_action(env, forward(env.observe(states)))
         next_states, reward, terminated = env.step(states, action)
@@ -267,7 +267,7 @@ class RLTask(Task):
         state = batch.states
         if state.dim() != 3 or state.shape[-1] != self.env.state_dim:
             raise ValueError(f"rollout states must be [P, E, {self.env.state_dim}], got {tuple(state.shape)}")
-        alive = torch.ones(state.shape[:-1])
+        alive = torch.ones(state.shape[:-1], device=state.device)
         logps, rewards, masks = [], [], []
         for t in range(batch.noise.shape[1]):
             out = forward(self.env.observe(state))
@@ -291,8 +291,9 @@ class RLTask(Task):
         return -(torch.stack(logps) * advantage).sum(0).mean(-1)
 
     def metrics(self, data: RLData, forward: Forward) -> dict[str, Tensor]:
-        returns = episode_returns(forward, self.env, data.eval_states, self.eval_steps)
-        return {"return": returns.mean(-1).float()}
+        returns = episode_returns(forward, self.env, data.eval_states, self.eval_steps).mean(-1).float()
+        # negative_return: the lower-is-better form that meta-training's validation loss reads
+        return {"return": returns, "negative_return": -returns}
 
 
 def policy_network(env: BatchedEnv, hidden: Sequence[int], act: str = "tanh") -> Network:
