@@ -31,6 +31,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="build seed; every network's seed derives from it (default 0)")
     p.add_argument("--shard-size", type=_positive_int, help="networks (models for zoo) per shard, trained together")
     p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when there is a GPU)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="torch CPU threads (default: torch's choice); 1 is much faster on a machine whose cores "
+                        "other processes keep busy")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -144,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from .weight_data import WeightDataError
 
+    if args.threads:
+        from metaopt.cpu import set_worker_threads
+
+        set_worker_threads(args.threads)
     try:
         out = _build(args)
     except (ValueError, FileNotFoundError, WeightDataError) as e:  # bad options, missing data, recipe mismatch

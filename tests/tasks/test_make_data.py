@@ -277,7 +277,8 @@ def test_bad_zoo_options(tmp_path):
 # command line
 
 
-def test_command_line(tmp_path, capsys):
+def test_command_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))  # --threads sets it; undo after
     out = tmp_path / "cli"
     args = ["make-data", "sine", "--out", str(out), "--n", "10", "--points", "32", "--steps", "200",
             "--shard-size", "5", "--quiet"]
@@ -287,7 +288,8 @@ def test_command_line(tmp_path, capsys):
     assert main(args[:-3] + ["--shard-size", "4", "--quiet"]) == 2
     assert "another recipe" in capsys.readouterr().err
     assert main(["make-data", "zoo", "--out", str(tmp_path / "zoo"), "--dataset", "digits", "--models", "2",
-                 "--epochs", "1", "--train-size", "64", "--test-size", "50", "--quiet"]) == 0
+                 "--epochs", "1", "--train-size", "64", "--test-size", "50", "--threads", "1", "--quiet"]) == 0
+    assert torch.get_num_threads() == 1
     assert "final-epoch test accuracy" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["make-data", "inr", "--out", str(out), "--views", "0"])
