@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--size", type=int, default=None,
                             help="image side in pixels (default: the dataset's recorded image_size)")
             sp.add_argument("--kernel", type=int, default=3, help="dilation window (pixels)")
+            sp.add_argument("--edit-scale", type=float, default=0.01,
+                            help="initial per-tensor scale of the edits (learned), in units of each tensor's std")
     from .smalldata import KINDS
 
     sp = sub.add_parser("make-small-data", help="build a small dataset for tests and CPU runs")
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--n-val", type=int, default=100)
     sp.add_argument("--n-test", type=int, default=100)
     sp.add_argument("--steps", type=int, default=300, help="SIREN fitting steps (INR kinds)")
+    sp.add_argument("--shared-init", action="store_true", help="every SIREN starts from the same init (INR kinds)")
     sp.add_argument("--n-per-run", type=int, default=40, help="CNNs per training run (cnn-zoo)")
     sp.add_argument("--seed", type=int, default=0)
     return p
@@ -122,9 +125,11 @@ def _make_small_data(args) -> None:
     if existing_shards(args.out):
         raise StandaloneError(f"{args.out} already holds a dataset; choose an empty folder")
     if args.kind == "digits-inrs":
-        ds = digits_inrs(args.n_train, args.n_val, args.n_test, steps=args.steps, seed=args.seed)
+        ds = digits_inrs(args.n_train, args.n_val, args.n_test, steps=args.steps, seed=args.seed,
+                         shared_init=args.shared_init)
     elif args.kind == "sine-inrs":
-        ds = sine_inrs(args.n_train, args.n_val, args.n_test, steps=args.steps, seed=args.seed)
+        ds = sine_inrs(args.n_train, args.n_val, args.n_test, steps=args.steps, seed=args.seed,
+                       shared_init=args.shared_init)
     else:
         ds = cnn_zoo(n_per_run=args.n_per_run, seed=args.seed)
     ds.save_shard(shard_path(args.out, 0))
@@ -150,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .edit import run_edit
 
             rows = run_edit(args.data, args.out, models, model_cfg, train_cfg, args.size, args.w0, args.kernel,
-                            not args.no_plot, command)
+                            not args.no_plot, command, args.edit_scale)
         elif args.task == "embed":
             from .embed import run_embed
 

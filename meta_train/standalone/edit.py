@@ -111,19 +111,26 @@ def build_editor(name: str, spec: WeightSpaceSpec, cfg: ModelConfig = ModelConfi
 
 
 class _Residual(nn.Module):
-    """``raw + editor(normalized) * std``: the edit in raw weight units, for rendering."""
+    """``raw + scale * editor(normalized) * std``: the edit in raw weight units, for rendering.
 
-    def __init__(self, editor: nn.Module, splits: Splits):
+    Why the learned per-tensor ``scale`` (starting at ``init_scale``): a SIREN's output turns to
+    noise when its first-layer weights move by a few percent of their std (they are multiplied by
+    w0 = 30 inside a sine), so unscaled edits would start far outside the useful range.
+    """
+
+    def __init__(self, editor: nn.Module, splits: Splits, init_scale: float = 0.01):
         super().__init__()
         self.editor, self.norm = editor, splits.normalizer
+        self.scale = nn.Parameter(torch.full((2 * splits.spec.num_layers,), float(init_scale)))
 
     def forward(self, ws: WeightSpace) -> WeightSpace:
         delta = self.editor(ws)
-        stds = self.norm.stds
+        stds, scale = self.norm.stds, self.scale
         raw = self.norm.inverse(ws)
-        return WeightSpace([w + d * stds[2 * i] for i, (w, d) in enumerate(zip(raw.weights, delta.weights))],
-                           [b + d * stds[2 * i + 1] for i, (b, d) in enumerate(zip(raw.biases, delta.biases))],
-                           ws.spec)
+        return WeightSpace(
+            [w + d * (scale[2 * i] * stds[2 * i]) for i, (w, d) in enumerate(zip(raw.weights, delta.weights))],
+            [b + d * (scale[2 * i + 1] * stds[2 * i + 1]) for i, (b, d) in enumerate(zip(raw.biases, delta.biases))],
+            ws.spec)
 
 
 def _plot(inputs: Tensor, targets: Tensor, edits: dict[str, Tensor], path: Path) -> None:
@@ -151,7 +158,8 @@ def _plot(inputs: Tensor, targets: Tensor, edits: dict[str, Tensor], path: Path)
 
 def run_edit(data: str | Path | WeightDataset, out: str | Path, models: Sequence[str] = ("ours", "nfn", "flat"),
              model_cfg: ModelConfig = ModelConfig(), train_cfg: TrainConfig = TrainConfig(), size: int | None = None,
-             w0: float = 30.0, kernel: int = 3, plot: bool = True, command: str = "") -> list[dict]:
+             w0: float = 30.0, kernel: int = 3, plot: bool = True, command: str = "", init_scale: float = 0.01
+             ) -> list[dict]:
     """Train every editor on the train split (dilation targets), score test MSE, plot a few edits."""
     models = parse_models(models)
     for m in models:
@@ -177,7 +185,7 @@ def run_edit(data: str | Path | WeightDataset, out: str | Path, models: Sequence
     rows, edits = [], {}
     for name in models:
         torch.manual_seed(train_cfg.seed)
-        model = _Residual(build_editor(name, spec, model_cfg), splits).to(device)
+        model = _Residual(build_editor(name, spec, model_cfg), splits, init_scale).to(device)
 
         def mse(m, ws, target):
             return (render(m(ws), coords, w0).view_as(target) - target).square().mean()
@@ -207,7 +215,7 @@ def run_edit(data: str | Path | WeightDataset, out: str | Path, models: Sequence
         notes.append("Inputs, targets and every model's edits of the first test INRs: edits.png")
     header = {"data": str(data) if not isinstance(data, WeightDataset) else "(in memory)",
               "architecture": str(spec), "sizes": splits.sizes(), "image_size": size, "w0": w0,
-              "dilation_kernel": kernel, "command": command, "model_config": asdict(model_cfg),
+              "dilation_kernel": kernel, "edit_scale_init": init_scale, "command": command, "model_config": asdict(model_cfg),
               "train_config": {k: v for k, v in asdict(train_cfg).items() if k != "progress"},
               "reference": reference}
     write_results(out, "edit", rows, ["model", "test_mse", "val_mse", "params", "best_epoch", "train_seconds"],

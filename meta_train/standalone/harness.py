@@ -260,6 +260,8 @@ def train_model(model: nn.Module, train: WeightSpace, loss_fn: LossFn, val_score
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise StandaloneError(f"epochs and batch size must be at least 1, got {cfg.epochs} and {cfg.batch_size}")
     n = train.batch_size
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     total = cfg.epochs * steps_per_epoch

@@ -59,9 +59,18 @@ def _fit(signals: torch.Tensor, hidden: Sequence[int], steps: int, lr: float, se
     return net, params, mse
 
 
+def _init_seeds(entropy: list[int], n: int, shared: bool) -> np.ndarray:
+    seeds = np.random.SeedSequence(entropy).generate_state(n)
+    return np.full(n, seeds[0]) if shared else seeds
+
+
 def digits_inrs(n_train: int, n_val: int, n_test: int, hidden: Sequence[int] = (32, 32), steps: int = 300,
-                lr: float = 1e-3, seed: int = 0) -> WeightDataset:
-    """One SIREN per digit image: train/val images come from digits' train split, test from its test split."""
+                lr: float = 1e-3, seed: int = 0, shared_init: bool = False) -> WeightDataset:
+    """One SIREN per digit image: train/val images come from digits' train split, test from its test split.
+
+    ``shared_init`` starts every SIREN from the same initialization (the easier "common init" regime,
+    where a network's weights are init + an image-specific change); by default each has its own.
+    """
     train_x, train_y = load_digits("train")
     test_x, test_y = load_digits("test")
     if n_train + n_val > len(train_x) or n_test > len(test_x):
@@ -72,31 +81,32 @@ def digits_inrs(n_train: int, n_val: int, n_test: int, hidden: Sequence[int] = (
     test_pick = torch.randperm(len(test_x), generator=g)[:n_test]
     images = torch.cat([train_x[pick], test_x[test_pick]])
     labels = torch.cat([train_y[pick], test_y[test_pick]])
-    seeds = np.random.SeedSequence([seed, 7]).generate_state(len(images))
+    seeds = _init_seeds([seed, 7], len(images), shared_init)
     net, params, mse = _fit(images, hidden, steps, lr, seeds)
     meta = {"label": labels, "split": split_column(n_train, n_val, n_test),
             "seed": torch.as_tensor(seeds.astype(np.int64)), "psnr": psnr(mse).float()}
     return params_to_dataset(net, params, meta, {"kind": "digits_inrs", "steps": steps, "lr": lr,
-                                                        "image_size": 8, "w0": 30.0})
+                                                        "image_size": 8, "w0": 30.0, "shared_init": shared_init})
 
 
 def sine_inrs(n_train: int, n_val: int, n_test: int, hidden: Sequence[int] = (32,), points: int = 64,
-              steps: int = 300, lr: float = 1e-3, freq_range: tuple[float, float] = (1.0, 10.0), seed: int = 0
-              ) -> WeightDataset:
+              steps: int = 300, lr: float = 1e-3, freq_range: tuple[float, float] = (1.0, 10.0), seed: int = 0,
+              shared_init: bool = False) -> WeightDataset:
     """One 1-D SIREN per wave ``0.5 + 0.5 a sin(b x)`` on ``points`` grid points over [-1, 1],
-    with amplitude ``a ~ U(0.1, 1)`` and frequency ``b ~ U(freq_range)`` (radians per unit)."""
+    with amplitude ``a ~ U(0.1, 1)`` and frequency ``b ~ U(freq_range)`` (radians per unit);
+    ``shared_init`` as in :func:`digits_inrs`."""
     n = n_train + n_val + n_test
     g = torch.Generator().manual_seed(seed)
     amplitude = 0.1 + 0.9 * torch.rand(n, generator=g)
     frequency = freq_range[0] + (freq_range[1] - freq_range[0]) * torch.rand(n, generator=g)
     x = torch.linspace(-1, 1, points)
     signals = 0.5 + 0.5 * amplitude[:, None] * torch.sin(frequency[:, None] * x)
-    seeds = np.random.SeedSequence([seed, 8]).generate_state(n)
+    seeds = _init_seeds([seed, 8], n, shared_init)
     net, params, mse = _fit(signals, hidden, steps, lr, seeds)
     meta = {"amplitude": amplitude, "frequency": frequency, "split": split_column(n_train, n_val, n_test),
             "psnr": psnr(mse).float()}
     return params_to_dataset(net, params, meta, {"kind": "sine_inrs", "steps": steps, "points": points,
-                                                        "w0": 30.0})
+                                                        "w0": 30.0, "shared_init": shared_init})
 
 
 def cnn_zoo(n_per_run: int = 40, channels: Sequence[int] = (4, 4), checkpoints: Sequence[int] = (5, 20, 80, 300),
