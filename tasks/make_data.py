@@ -61,7 +61,7 @@ FASHION_VAL = 5000  # the last 5000 images of the Fashion-MNIST training file ar
 DIGITS_VAL_FRACTION = 0.1
 
 # Tags keep the seed streams of different purposes apart (derive_seed(seed, TAG, ...)).
-_INIT, _SINE, _ZOO_MODEL, _ZOO_BATCHES, _SPLIT = 1, 2, 3, 4, 5
+_INIT, _SINE, _ZOO_MODEL, _ZOO_BATCHES, _SPLIT, _ZOO_SUBSET = 1, 2, 3, 4, 5, 6
 
 OnShard = Callable[[int, WeightDataset], None]
 
@@ -85,6 +85,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested but torch sees no CUDA GPU (use --device cpu)")
     return device
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not float(seed).is_integer() or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
 
 
 def _check_positive(**values) -> None:
@@ -351,6 +357,7 @@ def build_image_inrs(out: str | Path, dataset: str = "fashion_mnist", views: int
         _check_positive(target_psnr=target_psnr)
     if not hidden or min(hidden) < 1:
         raise ValueError(f"hidden must list at least one positive width, got {tuple(hidden)!r}")
+    seed = _check_seed(seed)
     device = resolve_device(device)
     source = image_splits(dataset, limit, data_dir)
     recipe = _jsonable({"builder": "image_inrs", "version": 1, "dataset": dataset, "views": views, "steps": steps,
@@ -420,6 +427,7 @@ def build_sine_inrs(out: str | Path, n: int = 5000, points: int = 128, amplitude
         raise ValueError(f"hidden must list at least one positive width, got {tuple(hidden)!r}")
     amplitude, frequency = _check_range("amplitude", amplitude), _check_range("frequency", frequency)
     fractions = _check_fractions(split_fractions)
+    seed = _check_seed(seed)
     device = resolve_device(device)
     recipe = _jsonable({"builder": "sine_inrs", "version": 1, "n": n, "points": points, "amplitude": amplitude,
                         "frequency": frequency, "steps": steps, "lr": lr, "hidden": list(hidden), "w0": w0,
@@ -503,6 +511,7 @@ def build_classifier_zoo(out: str | Path, n_models: int = 200, epochs: Sequence[
     if not 0 < train_fraction[0] <= train_fraction[1] <= 1:
         raise ValueError(f"train_fraction must lie in (0, 1], got {train_fraction}")
     fractions = _check_fractions(split_fractions)
+    seed = _check_seed(seed)
     device = resolve_device(device)
 
     network = cnn(ZOO_DATASETS[dataset], channels, NUM_CLASSES)  # fails early if the image is too small
@@ -526,26 +535,27 @@ def build_classifier_zoo(out: str | Path, n_models: int = 200, epochs: Sequence[
     data = (images[:, None].to(device), labels.to(device), test_images[:, None].to(device), test_labels.to(device))
     steps_per_epoch = math.ceil(train_size / batch_size)
 
+    def hyperparameters(model: int) -> dict:
+        rng = np.random.default_rng([seed, _ZOO_MODEL, model])
+        return {"lr": _log_uniform(rng, *lr), "weight_decay": _log_uniform(rng, *weight_decay),
+                "init_scale": _log_uniform(rng, *init_scale), "train_fraction": rng.uniform(*train_fraction),
+                "seed": derive_seed(seed, _INIT, model), "subset_seed": derive_seed(seed, _ZOO_SUBSET, model)}
+
     def make_shard(i: int) -> WeightDataset:
-        models = range(i * shard_size, min((i + 1) * shard_size, n_models))
-        hp = []
-        for m in models:
-            rng = np.random.default_rng([seed, _ZOO_MODEL, m])
-            hp.append({"lr": _log_uniform(rng, *lr), "weight_decay": _log_uniform(rng, *weight_decay),
-                       "init_scale": _log_uniform(rng, *init_scale), "train_fraction": rng.uniform(*train_fraction),
-                       "seed": derive_seed(seed, _INIT, m)})
-        rows = _train_zoo_population(network, hp, data, epochs, steps_per_epoch, batch_size, train_eval,
-                                     derive_seed(seed, _ZOO_BATCHES, i), device, progress)
-        E, P = len(epochs), len(hp)
-        column = lambda key, dtype: torch.tensor([h[key] for h in hp], dtype=dtype).repeat_interleave(E)  # noqa: E731
-        model = torch.tensor(list(models), dtype=torch.int64)
-        meta = {"model": model.repeat_interleave(E), "epoch": torch.tensor(epochs).repeat(P),
-                "step": torch.tensor(epochs).repeat(P) * steps_per_epoch, "split": split[model].repeat_interleave(E),
-                "seed": column("seed", torch.int64), "lr": column("lr", torch.float32),
-                "weight_decay": column("weight_decay", torch.float32),
-                "init_scale": column("init_scale", torch.float32),
-                "train_fraction": column("train_fraction", torch.float32), **rows.pop("meta")}
-        return _to_dataset(network, rows["params"], meta, recipe)
+        models = torch.arange(i * shard_size, min((i + 1) * shard_size, n_models))
+        hp = [hyperparameters(int(m)) for m in models]
+        params, metrics = _train_zoo_population(network, hp, data, epochs, steps_per_epoch, batch_size, train_eval,
+                                                derive_seed(seed, _ZOO_BATCHES, i), device, progress)
+
+        def per_row(values, dtype=None) -> Tensor:  # one value per model -> one per (model, checkpoint) row
+            return torch.as_tensor(values, dtype=dtype).repeat_interleave(len(epochs))
+
+        meta = {"model": per_row(models), "epoch": torch.tensor(epochs).repeat(len(models)),
+                "step": torch.tensor(epochs).repeat(len(models)) * steps_per_epoch, "split": per_row(split[models]),
+                **{k: per_row([h[k] for h in hp], torch.int64 if k == "seed" else torch.float32)
+                   for k in ("seed", "lr", "weight_decay", "init_scale", "train_fraction")},
+                **metrics}
+        return _to_dataset(network, params, meta, recipe)
 
     _build_shards(out, math.ceil(n_models / shard_size), make_shard, f"{dataset} zoo", "test_accuracy", progress,
                   on_shard)
@@ -554,14 +564,15 @@ def build_classifier_zoo(out: str | Path, n_models: int = 200, epochs: Sequence[
 
 def _train_zoo_population(network: Network, hp: list[dict], data: tuple[Tensor, ...], epochs: list[int],
                           steps_per_epoch: int, batch_size: int, train_eval: int, batch_seed: int,
-                          device: torch.device, progress: bool) -> dict:
-    """Train one shard's models together; returns checkpoint params and metrics, rows model-major."""
+                          device: torch.device, progress: bool) -> tuple[Params, dict[str, Tensor]]:
+    """Train one shard's models together; returns checkpoint params and metric columns, rows model-major."""
     images, labels, test_images, test_labels = data
     P, pool = len(hp), len(labels)
-    per_member = lambda key: torch.tensor([h[key] for h in hp], dtype=torch.float32, device=device)  # noqa: E731
-    lr, wd = per_member("lr"), per_member("weight_decay")
+    lr = torch.tensor([h["lr"] for h in hp], dtype=torch.float32, device=device)
+    wd = torch.tensor([h["weight_decay"] for h in hp], dtype=torch.float32, device=device)
     sizes = torch.tensor([max(1, round(h["train_fraction"] * pool)) for h in hp])
-    subsets = torch.stack([torch.randperm(pool, generator=torch.Generator().manual_seed(h["seed"])) for h in hp])
+    subsets = torch.stack([torch.randperm(pool, generator=torch.Generator().manual_seed(h["subset_seed"]))
+                           for h in hp])  # model j trains on subsets[j, :sizes[j]]
     inits = [network.init_params(h["seed"]) for h in hp]  # drawn on the CPU: the same numbers on every device
     scale = torch.tensor([h["init_scale"] for h in hp], dtype=torch.float32)
     params = {k: (torch.stack([p[k] for p in inits]) * scale.view(-1, *[1] * inits[0][k].dim())).to(device)
@@ -606,11 +617,10 @@ def _train_zoo_population(network: Network, hp: list[dict], data: tuple[Tensor, 
                 p.sub_(lr.view(shape) / (1 - b1 ** (t + 1)) * m[k] / denom)
         bar.update()
     bar.close()
-    E = len(epochs)
     stacked = {k: torch.stack([c[k] for c in checkpoints], dim=1).flatten(0, 1) for k in params}  # [P*E, ...]
     meta = {key: torch.stack([c[key] for c in metrics], dim=1).flatten().cpu() for key in metrics[0]}
-    meta["train_size"] = sizes.repeat_interleave(E)
-    return {"params": stacked, "meta": meta}
+    meta["train_size"] = sizes.repeat_interleave(len(epochs))
+    return stacked, meta
 
 
 @torch.no_grad()

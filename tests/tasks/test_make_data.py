@@ -148,6 +148,8 @@ def test_bad_image_options():
         build_image_inrs("/nonexistent", dataset="digits", views=0)
     with pytest.raises(ValueError, match="limit"):
         build_image_inrs("/nonexistent", dataset="digits", limit=0)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        build_image_inrs("/nonexistent", dataset="digits", seed=-1)
     with pytest.raises(ValueError, match="lr must be > 0"):
         build_image_inrs("/nonexistent", dataset="digits", lr=0)
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
