@@ -29,7 +29,8 @@ def _positive_float(text: str) -> float:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="dataset folder (created; an existing one is resumed)")
     p.add_argument("--seed", type=int, default=0, help="build seed; every network's seed derives from it (default 0)")
-    p.add_argument("--shard-size", type=_positive_int, help="networks (models for zoo) per shard, trained together")
+    p.add_argument("--shard-size", type=_positive_int, help="networks (models for zoo) trained together and stored per shard "
+                        "(default: inr 256, sine 1000, zoo 50)")
     p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when there is a GPU)")
     p.add_argument("--threads", type=_positive_int,
                    help="torch CPU threads (default: torch's choice); 1 is much faster on a machine whose cores "
@@ -40,7 +41,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_positive_int, default=1000, help="max Adam steps per INR (default 1000)")
     p.add_argument("--lr", type=_positive_float, default=5e-4, help="Adam learning rate (default 5e-4)")
-    p.add_argument("--hidden", type=_positive_int, nargs="+", default=[32, 32], help="SIREN hidden widths (default 32 32)")
+    p.add_argument("--hidden", type=_positive_int, nargs="+", default=[32, 32],
+                   help="SIREN hidden widths (default 32 32)")
     p.add_argument("--w0", type=_positive_float, default=30.0, help="SIREN frequency factor (default 30)")
     stop = p.add_mutually_exclusive_group()
     stop.add_argument("--target-psnr", type=_positive_float, default=40.0,
@@ -89,8 +91,9 @@ def parser() -> argparse.ArgumentParser:
     zoo.add_argument("--train-size", type=_positive_int, default=2000, help="training pool size (default 2000)")
     zoo.add_argument("--test-size", type=_positive_int, help="test images (default: the whole test split)")
     zoo.add_argument("--batch-size", type=_positive_int, default=32, help="default 32")
-    for flag, default, what in (("--lr", (1e-4, 1e-2), "log-uniform"), ("--weight-decay", (1e-6, 1e-2), "log-uniform"),
-                                ("--init-scale", (0.5, 2.0), "log-uniform"), ("--train-fraction", (0.1, 1.0), "uniform")):
+    ranges = (("--lr", (1e-4, 1e-2), "log-uniform"), ("--weight-decay", (1e-6, 1e-2), "log-uniform"),
+              ("--init-scale", (0.5, 2.0), "log-uniform"), ("--train-fraction", (0.1, 1.0), "uniform"))
+    for flag, default, what in ranges:
         zoo.add_argument(flag, type=float, nargs=2, default=list(default), metavar=("LOW", "HIGH"),
                          help=f"range, {what} (default {default[0]:g} {default[1]:g})")
     zoo.add_argument("--data-dir", help="folder with the Fashion-MNIST idx .gz files")
@@ -153,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         set_worker_threads(args.threads)
     try:
         out = _build(args)
-    except (ValueError, FileNotFoundError, WeightDataError) as e:  # bad options, missing data, recipe mismatch
+    except FileNotFoundError as e:  # the Fashion-MNIST files
+        print(f"error: {e}\n(on the command line, point --data-dir at that folder)", file=sys.stderr)
+        return 2
+    except (ValueError, WeightDataError) as e:  # bad options, recipe mismatch
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary(out))

@@ -10,8 +10,8 @@ from safetensors import safe_open
 
 from tasks import INRTask, data, grid, psnr, siren
 from tasks.__main__ import main
-from tasks.make_data import (RECIPE_FILE, _DevicePopulation, build_classifier_zoo, build_image_inrs, build_sine_inrs, fit_sirens,
-                             image_splits, network_for, read_recipe, sine_signal)
+from tasks.make_data import (RECIPE_FILE, _DevicePopulation, build_classifier_zoo, build_image_inrs, build_sine_inrs,
+                             fit_sirens, image_splits, network_for, read_recipe, sine_signal)
 from tasks.weight_data import SPLITS, WeightDataError, WeightDataset, existing_shards, shard_path
 
 FASHION = os.path.join(data.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")
@@ -293,6 +293,8 @@ def test_command_line(tmp_path, capsys, monkeypatch):
                  "--epochs", "1", "--train-size", "64", "--test-size", "50", "--threads", "1", "--quiet"]) == 0
     assert torch.get_num_threads() == 1
     assert "final-epoch test accuracy" in capsys.readouterr().out
+    assert main(["make-data", "inr", "--out", str(tmp_path / "f"), "--data-dir", str(tmp_path), "--quiet"]) == 2
+    assert "--data-dir" in capsys.readouterr().err and not (tmp_path / "f").exists()
     with pytest.raises(SystemExit):
         main(["make-data", "inr", "--out", str(out), "--views", "0"])
     assert "must be >= 1" in capsys.readouterr().err
