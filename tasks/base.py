@@ -342,8 +342,11 @@ class Population:
 
     @torch.no_grad()
     def evaluate(self, params: Params) -> dict[str, Tensor]:
-        data = self.data if self._device_data is None else self._device_data
-        return self.tasks[0].metrics(data, lambda x: self.network.forward(params, x))
+        return self.tasks[0].metrics(self.device_data(), lambda x: self.network.forward(params, x))
+
+    def device_data(self) -> Any:
+        """The stacked task data on this population's device (``data`` itself on the CPU)."""
+        return self.data if self._device_data is None else self._device_data
 
     def module(self, params: Params, i: int) -> nn.Sequential:
         """Member ``i`` as an ``nn.Sequential``."""

@@ -184,12 +184,12 @@ class SirenFit:
         self.shape = tuple(task.signal.shape)
         if len(self.shape) not in (1, 2):
             raise ValueError(f"SirenFit handles 1-D and 2-D grids, got {self.shape}")
-        data = population.data
+        data = population.device_data()  # follows Population.to(device): the whole fit runs there
         self.axes = data.axes
         self.targets = data.targets  # [P, N, 1]
         self.lr, self.betas, self.eps = lr, betas, eps
 
-        init = population.init_params(seeds)
+        init = {k: v.to(population.device) for k, v in population.init_params(seeds).items()}
         self.names = list(init)
         self.flat = torch.cat([init[k].flatten(1) for k in self.names], dim=1)  # [P, D]
         self.grad = torch.zeros_like(self.flat)

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from metaopt.optim.checkpoint import atomic_write
@@ -133,23 +132,6 @@ def _to_dataset(network: Network, params: Params, meta: dict[str, Tensor], recip
     return WeightDataset(spec, weights, biases, {k: v.cpu() for k, v in meta.items()}, {"recipe": recipe})
 
 
-class _DevicePopulation(Population):
-    """A population whose stacked data and initial parameters live on ``device``.
-
-    :class:`SirenFit` builds its buffers from ``population.data`` and ``init_params``, so with
-    both on the GPU the whole fit runs there.  Initial parameters are still drawn on the CPU
-    (same numbers on every device), then moved.
-    """
-
-    def __init__(self, tasks: Sequence, device: torch.device):
-        super().__init__(tasks)
-        self.device = device
-        self.data = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, self.data)
-
-    def init_params(self, seeds: Sequence[int]) -> Params:
-        return {k: v.to(self.device) for k, v in super().init_params(seeds).items()}
-
-
 # ---------------------------------------------------------------------------------------
 # recipe.json and the shard loop shared by the builders
 
@@ -238,7 +220,7 @@ def fit_sirens(network: Network, signals: Tensor, seeds: Sequence[int], steps: i
     """
     device = resolve_device(device)
     members = [INRTask(network, s, seed) for s, seed in zip(signals, seeds, strict=True)]
-    population = _DevicePopulation(members, device)
+    population = Population(members).to(device)
     # CPU: chunks of 16 keep each chunk's activations in cache; GPU: one big launch is fastest.
     fit = SirenFit(population, seeds, lr=lr, chunk=chunk or (16 if device.type == "cpu" else len(members)))
     P = len(members)

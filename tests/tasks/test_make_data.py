@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tasks import INRTask, data, grid, psnr, siren
+from tasks import INRTask, Population, SirenFit, data, grid, psnr, siren
 from tasks.__main__ import main
-from tasks.make_data import (RECIPE_FILE, _DevicePopulation, build_classifier_zoo, build_image_inrs, build_sine_inrs,
+from tasks.make_data import (RECIPE_FILE, build_classifier_zoo, build_image_inrs, build_sine_inrs,
                              fit_sirens, image_splits, network_for, read_recipe, sine_signal)
 from tasks.weight_data import SPLITS, WeightDataError, WeightDataset, existing_shards, shard_path
 
@@ -172,14 +172,16 @@ def test_fashion_mnist_splits_and_a_small_fit(tmp_path):
     assert len(d) == 3 and d.meta["image_index"].tolist() == [0, 55000, 60000] and (d.meta["psnr"] > 8).all()
 
 
-def test_device_population_moves_data_and_init():
+def test_population_to_device_carries_data_batches_and_the_fit():
     """The device plumbing that lets SirenFit run on a GPU, checked on the meta device (no GPU needed)."""
     images = data.load_digits("test")[0][:3]
-    population = _DevicePopulation([INRTask(siren(2, (8,)), x, i) for i, x in enumerate(images)],
-                                   torch.device("meta"))
-    assert all(t.is_meta for t in (*population.data.axes, population.data.coords, population.data.targets))
-    init = population.init_params([0, 1, 2])
-    assert all(v.is_meta for v in init.values()) and init["0.weight"].shape == (3, 8, 2)
+    population = Population([INRTask(siren(2, (8,)), x, i) for i, x in enumerate(images)]).to("meta")
+    on_device = population.device_data()
+    assert all(t.is_meta for t in (*on_device.axes, on_device.coords, on_device.targets))
+    assert not population.data.targets.is_meta  # the CPU copy stays, batches are drawn from it
+    assert all(t.is_meta for t in population.sample_batch(None))
+    fit = SirenFit(population, [0, 1, 2])
+    assert fit.flat.is_meta and fit.flat.shape[0] == 3 and fit.targets.is_meta
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
