@@ -10,17 +10,9 @@ from _archs import batch, max_diff
 from metaopt import random_hidden_perms
 from test_equivariance import EQUIVARIANT, INVARIANT, TOL
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("exact_fp32")]
 ARCHS = ["mlp3", "mlp5", "cnn2d_flatten", "cnn1d"]
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    # TF32 would make GPU results differ from the CPU's by ~1e-3; compare at float32 precision
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def _cuda(ws):

@@ -8,7 +8,8 @@ import torch
 
 import tasks
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("exact_fp32")]
 
 FAMILIES = {
     "classify-mlp": (lambda: tasks.ClassifierFamily("digits", archs=("mlp",), widths=(8,), depths=(1,),
@@ -21,14 +22,6 @@ FAMILIES = {
     "rl": (lambda: tasks.RLFamily(("CartPole-v1",), widths=(8,), depths=(1,), episodes=4, horizon=20,
                                   eval_episodes=2, eval_steps=30), "negative_return"),
 }
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
