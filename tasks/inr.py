@@ -197,9 +197,26 @@ class SirenFit:
         self.v = torch.zeros_like(self.flat)
         self.t = 0
         self.shapes = [init[k].shape[1:] for k in self.names]
-        P = len(population)
+        self.chunk = chunk
+        self._split_chunks()
+
+    def __len__(self) -> int:
+        return self.flat.shape[0]
+
+    def _split_chunks(self) -> None:
+        P, chunk = len(self), self.chunk
         bounds = [(c, min(c + chunk, P)) for c in range(0, P, chunk)]
         self.chunks = [(self._views(self.flat[a:b]), self._views(self.grad[a:b]), self.targets[a:b]) for a, b in bounds]
+
+    def keep(self, mask: Tensor) -> None:
+        """Keep only the members where ``mask`` [len(self)] is True, so later steps skip the
+        others (members that reached a target early): the buffers are compacted in place."""
+        mask = torch.as_tensor(mask, device=self.flat.device)
+        if mask.shape != (len(self),) or mask.dtype != torch.bool:
+            raise ValueError(f"keep needs a boolean mask of shape ({len(self)},), got {mask.dtype} {tuple(mask.shape)}")
+        self.flat, self.grad, self.m, self.v = (t[mask] for t in (self.flat, self.grad, self.m, self.v))
+        self.targets = self.targets[mask]
+        self._split_chunks()
 
     def _views(self, flat: Tensor) -> list[_Layer]:
         """Per-layer (weight, bias) views into a flat ``[p, D]`` buffer."""

@@ -225,8 +225,8 @@ def fit_sirens(network: Network, signals: Tensor, seeds: Sequence[int], steps: i
     fit = SirenFit(population, seeds, lr=lr, chunk=chunk or (16 if device.type == "cpu" else len(members)))
     P = len(members)
     used = torch.full((P,), steps, dtype=torch.int64, device=device)
-    done = torch.zeros(P, dtype=torch.bool, device=device)
-    kept: Params | None = None
+    active = torch.arange(P, device=device)  # which members the fit still runs, in its order
+    params = {k: v.clone() for k, v in fit.params().items()}  # the result, [P, ...]
     bar = tqdm(total=steps, desc="fit", unit="step", leave=False, mininterval=1.0, disable=not progress)
     for t in range(steps):
         before = fit.params() if target_psnr is not None else None
@@ -234,20 +234,19 @@ def fit_sirens(network: Network, signals: Tensor, seeds: Sequence[int], steps: i
         bar.update()
         if before is None:
             continue
-        hit = (psnr(mse) >= target_psnr) & ~done
-        if hit.any():
-            if kept is None:
-                kept = {k: v.clone() for k, v in before.items()}
-            for k in kept:
-                kept[k][hit] = before[k][hit]
-            used[hit] = t
-            done |= hit
-            if done.all():
+        hit = psnr(mse) >= target_psnr
+        if hit.any():  # freeze them at `before` and stop computing them
+            for k in params:
+                params[k][active[hit]] = before[k][hit]
+            used[active[hit]] = t
+            active = active[~hit]
+            if len(active) == 0:
                 break
+            fit.keep(~hit)
     bar.close()
-    params = fit.params()
-    if kept is not None:
-        params = {k: torch.where(done.view(-1, *[1] * (v.dim() - 1)), kept[k], v) for k, v in params.items()}
+    if len(active):
+        for k, v in fit.params().items():
+            params[k][active] = v
     final = population.evaluate(params)["psnr"]
     return FitResult({k: v.cpu() for k, v in params.items()}, final.cpu(), used.cpu())
 

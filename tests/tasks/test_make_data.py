@@ -133,12 +133,13 @@ def test_early_stop_keeps_the_weights_of_the_target_step(tmp_path):
     used = d.meta["steps"]
     assert (used < steps).all() and len(set(used.tolist())) > 1
     assert (d.meta["psnr"] > target - 0.01).all()  # the fast fit's PSNR and the stored re-evaluation agree closely
-    # Refit the same shard without early stop for member j's step count: identical weights.
+    # Refit the same shard without early stop for member j's step count: the same weights (up to
+    # float rounding: finished members leave the fit, so the others run in other batch positions).
     j = int(used.argmax())
     source = image_splits("digits", limit=2)
     plain = fit_sirens(network_for(d.info["recipe"]), source.images, d.meta["seed"].tolist(), int(used[j]),
                        5e-4, target_psnr=None, device="cpu")
-    assert torch.equal(plain.params["2.weight"][j], d.weights[1][j])
+    torch.testing.assert_close(plain.params["2.weight"][j], d.weights[1][j], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_image_options():

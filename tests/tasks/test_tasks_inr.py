@@ -105,3 +105,23 @@ def test_family_picks_signals_by_seed():
     assert len({t.network.name for t in pop.tasks}) == 1
     assert len({t.signal.sum().item() for t in pop.tasks}) > 1  # members fit different images
     assert not (torch.equal(a.signal, c.signal) and a.network.name == c.network.name)
+
+
+def test_dropping_members_leaves_the_others_unchanged():
+    images = load_digits("train")[0][:5]
+    net = siren(2, (16,), 1)
+    pop = Population([INRTask(net, x, i) for i, x in enumerate(images)])
+    full, part = tasks.SirenFit(pop, list(range(5)), chunk=2), tasks.SirenFit(pop, list(range(5)), chunk=2)
+    for _ in range(5):
+        full.step(), part.step()
+    keep = torch.tensor([True, False, True, True, False])
+    part.keep(keep)
+    assert len(part) == 3 and len(part.chunks) == 2
+    for _ in range(5):
+        losses = part.step()
+        full.step()
+    assert losses.shape == (3,)
+    for k, v in part.params().items():
+        torch.testing.assert_close(v, full.params()[k][keep], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="boolean mask of shape"):
+        part.keep(torch.tensor([True, False]))
