@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature")
             sp.add_argument("--noise", type=float, default=0.05, help="Gaussian noise of the views (normalized units)")
         if name in ("embed", "edit"):
-            sp.add_argument("--w0", type=float, default=30.0, help="the SIRENs' w0")
+            sp.add_argument("--w0", type=float, default=None,
+                            help="the SIRENs' w0 (default: the dataset's recorded w0, else 30)")
             sp.add_argument("--no-plot", action="store_true", help="skip the plot")
         if name == "edit":
             sp.add_argument("--size", type=int, default=None,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .harness import (MODEL_HELP, ModelConfig, Splits, StandaloneError, TrainConfig, count_params, load_splits,
-                      parse_models, take, train_model, write_results)
+                      parse_models, recorded, take, train_model, write_results)
 from metaopt.models import NFN, DWSNet, FlatMLP
 from metaopt.weight_space import WeightSpace, WeightSpaceSpec
 from tasks.inr import grid
@@ -158,7 +158,7 @@ def _plot(inputs: Tensor, targets: Tensor, edits: dict[str, Tensor], path: Path)
 
 def run_edit(data: str | Path | WeightDataset, out: str | Path, models: Sequence[str] = ("ours", "nfn", "flat"),
              model_cfg: ModelConfig = ModelConfig(), train_cfg: TrainConfig = TrainConfig(), size: int | None = None,
-             w0: float = 30.0, kernel: int = 3, plot: bool = True, command: str = "", init_scale: float = 0.01
+             w0: float | None = None, kernel: int = 3, plot: bool = True, command: str = "", init_scale: float = 0.01
              ) -> list[dict]:
     """Train every editor on the train split (dilation targets), score test MSE, plot a few edits."""
     models = parse_models(models)
@@ -170,10 +170,10 @@ def run_edit(data: str | Path | WeightDataset, out: str | Path, models: Sequence
     spec = splits.spec
     if spec.layers[0].n_in != 2 or spec.layers[-1].n_out != 1 or any(l.kernel for l in spec.layers):
         raise StandaloneError(f"edit needs 2-D image SIRENs (2 inputs, 1 output, Linear layers); got [{spec}]")
-    size = size or splits.info.get("image_size")
+    size = int(size or recorded(splits, "image_size") or 0)
     if not size:
         raise StandaloneError("the dataset does not record its image size; pass --size (e.g. 28 for Fashion-MNIST)")
-    size = int(size)
+    w0 = float(w0 or recorded(splits, "w0") or 30.0)
     coords = grid((size, size))[1].to(device)
 
     def images(ws: WeightSpace) -> Tensor:

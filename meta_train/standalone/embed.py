@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from . import augment
 from .harness import (DEFAULT_MODELS, MODEL_HELP, ModelConfig, Splits, StandaloneError, TrainConfig, build_model,
-                      count_params, load_splits, parse_models, predict, train_model, write_results)
+                      count_params, load_splits, parse_models, predict, recorded, train_model,
+                      write_results)
 from metaopt.weight_space import WeightSpace
 from tasks.weight_data import WeightDataset
 
@@ -116,7 +117,7 @@ def _tsne_plot(embeddings: dict[str, Tensor], labels: Tensor, path: Path, seed: 
 
 def run_embed(data: str | Path | WeightDataset, out: str | Path, models: Sequence[str] = DEFAULT_MODELS,
               model_cfg: ModelConfig = ModelConfig(), train_cfg: TrainConfig = TrainConfig(), dim: int = 32,
-              temperature: float = 0.1, noise: float = 0.05, w0: float = 30.0, label: str = "label",
+              temperature: float = 0.1, noise: float = 0.05, w0: float | None = None, label: str = "label",
               plot: bool = True, command: str = "") -> list[dict]:
     """Train every model contrastively on the train split and evaluate its embeddings (module docstring)."""
     models = parse_models(models)
@@ -124,6 +125,7 @@ def run_embed(data: str | Path | WeightDataset, out: str | Path, models: Sequenc
     splits = load_splits(data, [label], device)
     if any(layer.kernel for layer in splits.spec.layers):
         raise StandaloneError(f"embed uses SIREN symmetries; the dataset holds convolutional networks [{splits.spec}]")
+    w0 = float(w0 or recorded(splits, "w0") or 30.0)  # the bias shifts are exact only for the right w0
     views = Views(splits, w0, noise)
     labels = {s: splits.meta[s][label].long() for s in ("train", "val", "test")}
     rows, embeddings = [], {}

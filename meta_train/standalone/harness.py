@@ -109,6 +109,20 @@ def load_splits(data: str | Path | WeightDataset, columns: Sequence[str], device
     return Splits(ds.spec, spaces["train"], spaces["val"], spaces["test"], meta, norm, dict(ds.info))
 
 
+IMAGE_SIZES = {"fashion_mnist": 28, "fashion_mnist_8x8": 8, "digits": 8}
+
+
+def recorded(splits: Splits, key: str):
+    """A setting the dataset's builder recorded in its info: at the top level (the small builders
+    here) or in ``info["recipe"]`` (``python -m tasks make-data``); None when absent."""
+    recipe = splits.info.get("recipe") if isinstance(splits.info.get("recipe"), dict) else {}
+    if key in splits.info:
+        return splits.info[key]
+    if key == "image_size" and recipe.get("dataset") in IMAGE_SIZES:
+        return IMAGE_SIZES[recipe["dataset"]]
+    return recipe.get(key)
+
+
 def take(ws: WeightSpace, index: Tensor) -> WeightSpace:
     """Networks ``index`` of a batch of networks."""
     index = index.to(ws.weights[0].device)

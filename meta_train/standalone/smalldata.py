@@ -110,7 +110,7 @@ def sine_inrs(n_train: int, n_val: int, n_test: int, hidden: Sequence[int] = (32
 
 
 def cnn_zoo(n_per_run: int = 40, channels: Sequence[int] = (4, 4), checkpoints: Sequence[int] = (5, 20, 80, 300),
-            train_sizes: Sequence[int] = (32, 128, 1024), lrs: Sequence[float] = (3e-3,), act: str = "relu",
+            train_sizes: Sequence[int] = (32, 128, 1024), lrs: Sequence[float] = (1e-2,), act: str = "relu",
             fractions: tuple[float, float] = (0.6, 0.2), seed: int = 0) -> WeightDataset:
     """CNNs ``Conv-act-Pool-Conv-act-Pool-Linear`` trained on 8x8 digits with Adam (batch 32).
 

@@ -54,6 +54,21 @@ def test_edit_end_to_end(digits_dir, tmp_path):
     assert (out / "edits.png").stat().st_size > 1000
 
 
+def test_edit_reads_image_size_and_w0_from_a_make_data_recipe(digits_dir, tmp_path):
+    """Datasets of ``python -m tasks make-data`` record {"recipe": {"dataset": ..., "w0": ...}}."""
+    ds = WeightDataset.load(digits_dir)
+    ds.info = {"recipe": {"builder": "image_inrs", "dataset": "digits", "w0": 30.0}}
+    folder = tmp_path / "recipe"
+    ds.save_shard(shard_path(folder, 0))
+    assert main(["edit", "--data", str(folder), "--out", str(tmp_path / "o"), "--models", "flat", "--no-plot",
+                 *FAST]) == 0
+    payload = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert payload["image_size"] == 8 and payload["w0"] == 30.0
+    ds.info = {}
+    ds.save_shard(shard_path(tmp_path / "bare", 0))
+    assert main(["edit", "--data", str(tmp_path / "bare"), "--out", str(tmp_path / "o2"), *FAST]) == 2
+
+
 def test_edit_refuses_invariant_models_and_non_images(digits_dir, tmp_path, capsys):
     assert main(["edit", "--data", str(digits_dir), "--out", str(tmp_path / "a"), "--models", "statnn", *FAST]) == 2
     assert "cannot edit" in capsys.readouterr().err
