@@ -10,7 +10,10 @@ The labels are used only to *evaluate* the frozen embeddings:
 * ``linear_probe_accuracy``: logistic regression on train embeddings, scored on test ones;
 * ``knn_accuracy``: 5-nearest-neighbour vote (cosine) of test embeddings among train ones;
 * ``symmetry_cosine``: mean cosine similarity between a test INR's embedding and that of an
-  exactly equivalent copy (same function): 1.0 means the model learned the SIREN symmetries.
+  exactly equivalent copy (same function); 1.0 means the model learned the SIREN symmetries --
+  or that all embeddings collapsed together, hence also
+* ``symmetry_top1``: how often that equivalent copy is the nearest (cosine) of the copies of
+  *all* test INRs, i.e. the embedding both ignores the symmetry and tells INRs apart.
 
 and a t-SNE plot of every model's test embeddings, coloured by label, goes to ``OUT/tsne.png``.
 """
@@ -33,7 +36,7 @@ from .harness import (DEFAULT_MODELS, MODEL_HELP, ModelConfig, Splits, Standalon
 from metaopt.weight_space import WeightSpace
 from tasks.weight_data import WeightDataset
 
-__all__ = ["nt_xent", "Views", "linear_probe", "knn_accuracy", "run_embed"]
+__all__ = ["nt_xent", "Views", "linear_probe", "knn_accuracy", "symmetry_top1", "run_embed"]
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
@@ -90,6 +93,12 @@ def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     votes = train_y.to(nearest.device)[nearest]
     pred = torch.mode(votes, dim=-1).values
     return (pred.cpu() == test_y.cpu()).float().mean().item()
+
+
+def symmetry_top1(embeddings: Tensor, copies: Tensor) -> float:
+    """Fraction of rows whose own copy is the most cosine-similar row of ``copies``."""
+    sim = F.normalize(embeddings.float(), dim=-1) @ F.normalize(copies.float(), dim=-1).t()
+    return (sim.argmax(-1).cpu() == torch.arange(len(sim))).float().mean().item()
 
 
 def _tsne_plot(embeddings: dict[str, Tensor], labels: Tensor, path: Path, seed: int) -> None:
@@ -158,6 +167,7 @@ def run_embed(data: str | Path | WeightDataset, out: str | Path, models: Sequenc
                      "test_linear_probe_accuracy": linear_probe(e_train, labels["train"], e_test, labels["test"]),
                      "test_knn_accuracy": knn_accuracy(e_train, labels["train"], e_test, labels["test"]),
                      "test_symmetry_cosine": F.cosine_similarity(e_test, e_sym, dim=-1).mean().item(),
+                     "test_symmetry_top1": symmetry_top1(e_test, e_sym),
                      "val_nt_xent": -summary["best_val_score"], "params": count_params(model),
                      "best_epoch": summary["best_epoch"], "train_seconds": summary["train_seconds"],
                      "description": MODEL_HELP[name], "history": summary["history"]})
@@ -177,6 +187,6 @@ def run_embed(data: str | Path | WeightDataset, out: str | Path, models: Sequenc
               "train_config": {k: v for k, v in asdict(train_cfg).items() if k not in ("progress", "augment")},
               "reference": reference}
     write_results(out, "embed", rows, ["model", "test_linear_probe_accuracy", "test_knn_accuracy",
-                                       "test_symmetry_cosine", "val_nt_xent", "params", "best_epoch",
+                                       "test_symmetry_cosine", "test_symmetry_top1", "val_nt_xent", "params", "best_epoch",
                                        "train_seconds"], header, notes)
     return rows

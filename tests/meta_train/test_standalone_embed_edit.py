@@ -9,7 +9,7 @@ import torch
 
 from meta_train.standalone.__main__ import main
 from meta_train.standalone.edit import EDITORS, build_editor, dilate, render
-from meta_train.standalone.embed import knn_accuracy, nt_xent
+from meta_train.standalone.embed import knn_accuracy, nt_xent, symmetry_top1
 from meta_train.standalone.harness import ModelConfig
 from meta_train.standalone.smalldata import digits_inrs
 from metaopt import random_hidden_perms
@@ -36,7 +36,8 @@ def test_embed_end_to_end(digits_dir, tmp_path):
     payload = json.loads((out / "results.json").read_text())
     assert [r["model"] for r in payload["rows"]] == ["ours", "nfn", "flat", "statnn"]
     for row in payload["rows"]:
-        for key in ("test_linear_probe_accuracy", "test_knn_accuracy", "test_symmetry_cosine", "val_nt_xent"):
+        for key in ("test_linear_probe_accuracy", "test_knn_accuracy", "test_symmetry_cosine", "test_symmetry_top1",
+                    "val_nt_xent"):
             assert math.isfinite(row[key]), (row["model"], key)
         assert 0 <= row["test_linear_probe_accuracy"] <= 1
     assert (out / "tsne.png").stat().st_size > 1000
@@ -101,6 +102,14 @@ def test_knn_accuracy():
     train = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]])
     labels = torch.tensor([0, 0, 1, 1])
     assert knn_accuracy(train, labels, torch.tensor([[1.0, 0.05], [0.0, 1.0]]), torch.tensor([0, 1]), k=1) == 1.0
+
+
+def test_symmetry_top1_needs_both_invariance_and_distinct_embeddings():
+    torch.manual_seed(0)
+    z = torch.randn(10, 4)
+    assert symmetry_top1(z, z + 1e-3 * torch.randn_like(z)) == 1.0
+    collapsed = torch.ones(10, 4) + 1e-6 * torch.randn(10, 4)  # cosine ~1 everywhere, but nothing told apart
+    assert symmetry_top1(collapsed, collapsed.flip(0)) < 0.5
 
 
 def test_render_matches_the_module_and_dilate_is_a_max_filter(digits_dir):
