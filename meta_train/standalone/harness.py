@@ -95,9 +95,9 @@ def load_splits(data: str | Path | WeightDataset, columns: Sequence[str], device
     ds = data if isinstance(data, WeightDataset) else WeightDataset.load(data)
     missing = [c for c in ("split", *columns) if c not in ds.meta]
     if missing:
-        raise StandaloneError(f"dataset {data if not isinstance(data, WeightDataset) else ''} has no metadata "
-                              f"column(s) {missing}; it has {sorted(ds.meta)}. Is this the right kind of dataset "
-                              f"for this task?")
+        where = "" if isinstance(data, WeightDataset) else f" {data}"
+        raise StandaloneError(f"dataset{where} has no metadata column(s) {missing}; it has {sorted(ds.meta)}. "
+                              f"Is this the right kind of dataset for this task?")
     parts = {s: ds.split(s) for s in ("train", "val", "test")}
     empty = [s for s, p in parts.items() if len(p) == 0]
     if empty:
@@ -309,6 +309,8 @@ def train_model(model: nn.Module, train: WeightSpace, loss_fn: LossFn, val_score
         model.eval()
         with torch.no_grad():
             score = float(val_score(model))
+        if not math.isfinite(score):  # e.g. Kendall tau of constant predictions: never the best epoch
+            score = -math.inf
         train_loss = total_loss / steps_per_epoch
         history.append({"epoch": epoch, "train_loss": train_loss, "val_score": score})
         if writer is not None:
@@ -375,7 +377,6 @@ def _json_default(o):
     if hasattr(o, "__dataclass_fields__"):
         return asdict(o)
     return str(o)
-
 
 
 # --------------------------------------------------------------------------- supervised tasks

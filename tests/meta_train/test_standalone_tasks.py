@@ -159,3 +159,22 @@ def test_a_learnable_ranking_is_learned(tmp_path):
     rows = run_supervised(Generalization(), ds, tmp_path, ["ours"], ModelConfig(hidden_channels=8, num_layers=2,
                           head_hidden=32), TrainConfig(epochs=15, batch_size=32, lr=3e-3, progress=False))
     assert rows[0]["test_kendall_tau"] > 0.6  # an untrained model ranks at ~0
+
+
+def test_training_keeps_the_best_finite_validation_epoch():
+    from meta_train.standalone.harness import build_model, train_model
+    ds = synthetic_zoo(8, 2, 2)
+    ws = ds.weight_space()
+    torch.manual_seed(0)
+    model = build_model("statnn", ds.spec, 1, ModelConfig(head_hidden=8))
+    scores = iter([float("nan"), 0.1, 0.3, 0.2])
+    states = []
+
+    def val_score(m):
+        states.append({k: v.clone() for k, v in m.state_dict().items()})
+        return next(scores)
+
+    summary = train_model(model, ws, lambda m, b, idx: m(b).square().mean(), val_score,
+                          TrainConfig(epochs=4, batch_size=4, progress=False))
+    assert summary["best_epoch"] == 2 and summary["best_val_score"] == 0.3
+    assert all(torch.equal(v, states[2][k]) for k, v in model.state_dict().items())  # epoch 2's weights restored
