@@ -215,7 +215,8 @@ def run_edit(data: str | Path | WeightDataset, out: str | Path, models: Sequence
         notes.append("Inputs, targets and every model's edits of the first test INRs: edits.png")
     header = {"data": str(data) if not isinstance(data, WeightDataset) else "(in memory)",
               "architecture": str(spec), "sizes": splits.sizes(), "image_size": size, "w0": w0,
-              "dilation_kernel": kernel, "edit_scale_init": init_scale, "command": command, "model_config": asdict(model_cfg),
+              "dilation_kernel": kernel, "edit_scale_init": init_scale, "command": command,
+              "model_config": asdict(model_cfg),
               "train_config": {k: v for k, v in asdict(train_cfg).items() if k != "progress"},
               "reference": reference}
     write_results(out, "edit", rows, ["model", "test_mse", "val_mse", "params", "best_epoch", "train_seconds"],

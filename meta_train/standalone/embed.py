@@ -187,6 +187,6 @@ def run_embed(data: str | Path | WeightDataset, out: str | Path, models: Sequenc
               "train_config": {k: v for k, v in asdict(train_cfg).items() if k not in ("progress", "augment")},
               "reference": reference}
     write_results(out, "embed", rows, ["model", "test_linear_probe_accuracy", "test_knn_accuracy",
-                                       "test_symmetry_cosine", "test_symmetry_top1", "val_nt_xent", "params", "best_epoch",
-                                       "train_seconds"], header, notes)
+                                       "test_symmetry_cosine", "test_symmetry_top1", "val_nt_xent", "params",
+                                       "best_epoch", "train_seconds"], header, notes)
     return rows
