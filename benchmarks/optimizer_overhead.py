@@ -5,7 +5,8 @@
 For each model: the whole training iteration (zero_grad, forward, backward, step on a batch of
 128) and the optimizer step alone, medians over interleaved repetitions (Adam, ours, Adam, ...),
 reported as ours / Adam. Goals: whole iteration <= 1.5x Adam on CPU for 100k+ parameter models,
-<= 1.2x on GPU for 10M+.
+<= 1.2x on GPU for 10M+. ``--compile`` measures ``MetaNetOptimizer(compile=True)`` (its first step
+compiles, tens of seconds on a small CPU; the warm-up iterations absorb that).
 """
 
 from __future__ import annotations
@@ -54,12 +55,13 @@ def learned_for_benchmark():
     return learned
 
 
-def measure(name, device, reps, batch):
+def measure(name, device, reps, batch, compile=False):
     make, in_shape = MODELS[name]
     torch.manual_seed(0)
     nets = {"adam": make().to(device), "ours": make().to(device)}
     opts = {"adam": torch.optim.Adam(nets["adam"].parameters(), lr=1e-3),
-            "ours": MetaNetOptimizer(nets["ours"].parameters(), lr=1e-3, learned=learned_for_benchmark())}
+            "ours": MetaNetOptimizer(nets["ours"].parameters(), lr=1e-3, learned=learned_for_benchmark(),
+                                     compile=compile)}
     x = torch.randn(batch, *in_shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     whole, step_only = {k: [] for k in nets}, {k: [] for k in nets}
@@ -93,6 +95,8 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", nargs="+", default=None, help="substrings of model names to run")
+    ap.add_argument("--compile", action="store_true",
+                    help="MetaNetOptimizer(compile=True); the warm-up absorbs the compilation")
     args = ap.parse_args()
     device = torch.device(args.device)
     names = [n for n in MODELS if args.models is None or any(m in n for m in args.models)]
@@ -100,13 +104,13 @@ def main():
         names = [n for n in names if "10M" not in n]  # the 10M model is the GPU goal
     tuned = tune_malloc()
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} reps={args.reps} "
-          f"torch={torch.__version__} malloc_tuned={tuned}")
+          f"torch={torch.__version__} malloc_tuned={tuned} compile={args.compile}")
     header = f"{'model':<28} {'params':>10} {'iter Adam ms':>12} {'iter ours ms':>12} {'iter ratio':>10} " \
              f"{'step Adam ms':>12} {'step ours ms':>12} {'step ratio':>10}"
     print(header)
     print("-" * len(header))
     for name in names:
-        n, wa, wo, sa, so = measure(name, device, args.reps, args.batch)
+        n, wa, wo, sa, so = measure(name, device, args.reps, args.batch, args.compile)
         print(f"{name:<28} {n:>10,} {wa:>12.2f} {wo:>12.2f} {wo / wa:>9.2f}x {sa:>12.2f} {so:>12.2f} {so / sa:>9.2f}x")
 
 

@@ -24,6 +24,19 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _moments_and_direction(learned: LearnedOptimizer, params: list[Tensor], grads: list[Tensor],
+                           exp_avg: list[Tensor], exp_avg_sq: list[Tensor], live: tuple[int, ...], step,
+                           structure: Structure) -> list[Tensor]:
+    """Update the moments of the ``live`` tensors in place, then the learned direction of every tensor."""
+    c = learned.config
+    m, v, g = ([t[i] for i in live] for t in (exp_avg, exp_avg_sq, grads))
+    torch._foreach_lerp_(m, g, 1 - c.beta1)
+    torch._foreach_mul_(v, c.beta2)
+    torch._foreach_addcmul_(v, g, g, value=1 - c.beta2)
+    return learned.direction(None, [p[None] for p in params], [gr[None] for gr in grads],
+                             [t[None] for t in exp_avg], [t[None] for t in exp_avg_sq], step, structure)
+
+
 class MetaNetOptimizer(torch.optim.Optimizer):
     """Train with a meta-learned, permutation-equivariant update rule as you would with Adam.
 
@@ -35,6 +48,9 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         learned: a :class:`LearnedOptimizer`, a path to a saved one, or None for the shipped default.
         module: the model, for exact weight-space structure; without it the structure is inferred
             from parameter shapes and order (``describe()`` shows what was inferred).
+        compile: run the moment update and the metanetwork through ``torch.compile``: fewer,
+            fused kernels per step (``benchmarks/optimizer_overhead.py --compile`` measures it),
+            paid for by a compilation at the first step and whenever the model's shapes change.
 
     The update of step t is computed in float32 whatever the parameter dtype. A step whose
     gradients contain NaN or inf is skipped entirely (parameters and state untouched), with one
@@ -42,7 +58,8 @@ class MetaNetOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float | None = None, weight_decay: float = 0.0,
-                 learned: LearnedOptimizer | str | os.PathLike | None = None, module: nn.Module | None = None):
+                 learned: LearnedOptimizer | str | os.PathLike | None = None, module: nn.Module | None = None,
+                 compile: bool = False):
         if learned is None:
             learned = DEFAULT_PATH
         learned = learned if isinstance(learned, LearnedOptimizer) else load_learned(learned)
@@ -58,6 +75,8 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         self._structure: Structure | None = None
         self._warned: set[str] = set()
         self._learned_device: torch.device | None = None
+        self.compile = compile
+        self._compiled = None
 
     # ------------------------------------------------------------------ structure
     def _params(self) -> list[Tensor]:
@@ -78,6 +97,12 @@ class MetaNetOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         self._structure = None
+
+    def _compiled_direction(self):
+        if self._compiled is None:
+            # a tensor step keeps the step count out of the compiled code's guards (no recompiles)
+            self._compiled = torch.compile(_moments_and_direction, dynamic=False)
+        return self._compiled
 
     # ------------------------------------------------------------------ step
     def _warn_once(self, kind: str, message: str) -> None:
@@ -114,23 +139,15 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         live_idx = [i for i, l in enumerate(live) if l]
         step = max(float(states[i]["step"]) for i in live_idx) + 1
         grads32 = [_float32(g) for g in grads]
-        c = self.learned.config
-        m = [states[i]["exp_avg"] for i in live_idx]
-        v = [states[i]["exp_avg_sq"] for i in live_idx]
-        g = [grads32[i] for i in live_idx]
-        torch._foreach_lerp_(m, g, 1 - c.beta1)
-        torch._foreach_mul_(v, c.beta2)
-        torch._foreach_addcmul_(v, g, g, value=1 - c.beta2)
         torch._foreach_add_([states[i]["step"] for i in live_idx], 1.0)
-
         device = params[0].device
         if device != self._learned_device:
             self.learned.to(device)
             self._learned_device = device
-        deltas = self.learned.direction(
-            None, [_float32(p)[None] for p in params], [gr[None] for gr in grads32],
-            [st["exp_avg"][None] for st in states], [st["exp_avg_sq"][None] for st in states],
-            step, self.structure())
+        compute = self._compiled_direction() if self.compile else _moments_and_direction
+        deltas = compute(self.learned, [_float32(p) for p in params], grads32,
+                         [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                         tuple(live_idx), torch.tensor(step) if self.compile else step, self.structure())
         index = {id(p): i for i, p in enumerate(params)}
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
