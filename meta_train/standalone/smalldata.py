@@ -24,7 +24,8 @@ from metaopt.weight_space import spec_from_module
 from tasks.base import Network, Params, Population
 from tasks.classify import ClassifierTask, cnn
 from tasks.data import load_digits
-from tasks.inr import INRTask, SirenFit, psnr, siren
+from tasks.inr import siren
+from tasks.make_data import fit_sirens
 from tasks.weight_data import SPLITS, WeightDataset
 
 __all__ = ["params_to_dataset", "digits_inrs", "sine_inrs", "cnn_zoo", "split_column", "KINDS"]
@@ -48,15 +49,11 @@ def split_column(n_train: int, n_val: int, n_test: int) -> torch.Tensor:
 
 def _fit(signals: torch.Tensor, hidden: Sequence[int], steps: int, lr: float, seeds: Sequence[int]
          ) -> tuple[Network, Params, torch.Tensor]:
+    """The same fit as ``python -m tasks make-data`` (:func:`tasks.make_data.fit_sirens`), on the
+    CPU, for a fixed number of steps; returns the network, stacked params and each INR's PSNR."""
     net = siren(signals.dim() - 1, hidden, 1)
-    population = Population([INRTask(net, s, int(seed)) for s, seed in zip(signals, seeds)])
-    fit = SirenFit(population, list(map(int, seeds)), lr=lr)
-    for _ in range(steps):
-        fit.step()
-    params = fit.params()
-    with torch.no_grad():
-        mse = population.loss(params, population.sample_batch(None))
-    return net, params, mse
+    fit = fit_sirens(net, signals, [int(s) for s in seeds], steps, lr, target_psnr=None, device="cpu")
+    return net, fit.params, fit.psnr
 
 
 def _init_seeds(entropy: list[int], n: int, shared: bool) -> np.ndarray:
@@ -82,9 +79,9 @@ def digits_inrs(n_train: int, n_val: int, n_test: int, hidden: Sequence[int] = (
     images = torch.cat([train_x[pick], test_x[test_pick]])
     labels = torch.cat([train_y[pick], test_y[test_pick]])
     seeds = _init_seeds([seed, 7], len(images), shared_init)
-    net, params, mse = _fit(images, hidden, steps, lr, seeds)
+    net, params, fitted_psnr = _fit(images, hidden, steps, lr, seeds)
     meta = {"label": labels, "split": split_column(n_train, n_val, n_test),
-            "seed": torch.as_tensor(seeds.astype(np.int64)), "psnr": psnr(mse).float()}
+            "seed": torch.as_tensor(seeds.astype(np.int64)), "psnr": fitted_psnr.float()}
     return params_to_dataset(net, params, meta, {"kind": "digits_inrs", "steps": steps, "lr": lr,
                                                         "image_size": 8, "w0": 30.0, "shared_init": shared_init})
 
@@ -102,9 +99,9 @@ def sine_inrs(n_train: int, n_val: int, n_test: int, hidden: Sequence[int] = (32
     x = torch.linspace(-1, 1, points)
     signals = 0.5 + 0.5 * amplitude[:, None] * torch.sin(frequency[:, None] * x)
     seeds = _init_seeds([seed, 8], n, shared_init)
-    net, params, mse = _fit(signals, hidden, steps, lr, seeds)
+    net, params, fitted_psnr = _fit(signals, hidden, steps, lr, seeds)
     meta = {"amplitude": amplitude, "frequency": frequency, "split": split_column(n_train, n_val, n_test),
-            "psnr": psnr(mse).float()}
+            "psnr": fitted_psnr.float()}
     return params_to_dataset(net, params, meta, {"kind": "sine_inrs", "steps": steps, "points": points,
                                                         "w0": 30.0, "shared_init": shared_init})
 
