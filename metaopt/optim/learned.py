@@ -19,7 +19,7 @@ permutations of any neuron set, and it costs a few elementwise passes over the p
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
@@ -84,23 +84,24 @@ def _row_col_means(quantities: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
             torch.stack([q.mean((1, 3)) for q in quantities], -1))
 
 
-def _stat_layout(structure: Structure, device) -> tuple[Tensor, Tensor]:
+def _stat_layout(structure: Structure, device) -> tuple[dict[int, int], Tensor, Tensor]:
     """Constant tensors to normalise all statistics at once (see ``LearnedOptimizer.direction``).
 
     Stat tensors are numbered in chain order: each layer's weight, then its bias. Returns
-    ``tensor_average`` [T, R], averaging the concatenated per-row stats (R rows) of each tensor,
-    and ``norm_index`` [N, 3 * NUM_STATS], for each neuron's (incoming, bias, outgoing) features
-    the column of the flattened [T, NUM_STATS] normalisers to multiply by (``5T`` = absent, zero).
+    ``stat_of`` (parameter index -> that number), ``tensor_average`` [T, R], averaging the
+    concatenated per-row stats (R rows) of each tensor, and ``norm_index`` [N, 3 * NUM_STATS], for
+    each neuron's (incoming, bias, outgoing) features the column of the flattened [T, NUM_STATS]
+    normalisers to multiply by (``5T`` = absent, zero).
     """
-    row_sizes, per_neuron = [], []
+    stat_of, row_sizes, per_neuron = {}, [], []
     for chain in structure.chains:
-        weight_ids, bias_ids = [], []
         for layer in chain.layers:
-            weight_ids.append(len(row_sizes))
-            row_sizes.append(layer.view[0])
-            bias_ids.append(len(row_sizes) if layer.bias is not None else None)
-            if layer.bias is not None:
-                row_sizes.append(layer.view[0])
+            for index in (layer.weight, layer.bias):
+                if index is not None:
+                    stat_of[index] = len(row_sizes)
+                    row_sizes.append(layer.view[0])
+        weight_ids = [stat_of[layer.weight] for layer in chain.layers]
+        bias_ids = [stat_of.get(layer.bias) for layer in chain.layers]
         for j, n in enumerate(chain.neuron_sizes):
             sources = (weight_ids[j - 1] if j > 0 else None, bias_ids[j - 1] if j > 0 else None,
                        weight_ids[j] if j < len(chain.layers) else None)
@@ -114,7 +115,7 @@ def _stat_layout(structure: Structure, device) -> tuple[Tensor, Tensor]:
     for t, n in enumerate(row_sizes):
         average[t, start:start + n] = 1.0 / n
         start += n
-    return average.to(device), columns.to(device)
+    return stat_of, average.to(device), columns.to(device)
 
 
 class LearnedOptimizer(nn.Module):
@@ -152,8 +153,8 @@ class LearnedOptimizer(nn.Module):
             graph = NeuronGraph([c.neuron_sizes for c in structure.chains], device)
             flags = [[float(j > 0), float(j < len(c.layers)), float(c.lone), *_size_features(c, j)]
                      for c in structure.chains for j, n in enumerate(c.neuron_sizes) for _ in range(n)]
-            graph.flags = torch.tensor(flags, device=device)  # [N, NUM_FLAGS]: in, out, lone
-            graph.tensor_average, graph.norm_index = _stat_layout(structure, device)
+            graph.flags = torch.tensor(flags, device=device)  # [N, NUM_FLAGS]
+            graph.stat_of, graph.tensor_average, graph.norm_index = _stat_layout(structure, device)
             self._graphs[key] = graph
         return self._graphs[key]
 
@@ -258,21 +259,21 @@ class LearnedOptimizer(nn.Module):
         set_scale, set_mix = scale.split(graph.set_sizes, 1), mix.split(graph.set_sizes, 1)
 
         deltas: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
-        s, t = 0, 0  # first neuron set of the chain; position of the next stat tensor
+        s = 0  # first neuron set of the chain
         for chain in structure.chains:
             for l, layer in enumerate(chain.layers):
-                rows, cols, rows_mix = set_scale[s + l + 1], set_scale[s + l], set_mix[s + l + 1]
+                row_scale, col_scale, row_mix = set_scale[s + l + 1], set_scale[s + l], set_mix[s + l + 1]
                 uw, gw, pw = views[layer.weight]
-                mixes = rows_mix[..., :2] * torch.stack([g_scales[:, t], p_scales[:, t]], -1)[:, None]  # [B, o, 2]
-                d = uw * (rows[:, :, 0, None, None] * cols[:, None, :, 1, None])
+                t = graph.stat_of[layer.weight]
+                mixes = row_mix[..., :2] * torch.stack([g_scales[:, t], p_scales[:, t]], -1)[:, None]  # [B, o, 2]
+                d = uw * (row_scale[:, :, 0, None, None] * col_scale[:, None, :, 1, None])
                 d = torch.addcmul(d, mixes[..., 0, None, None], gw)
                 d = torch.addcmul(d, mixes[..., 1, None, None], pw)
                 deltas[layer.weight] = d.reshape(params[layer.weight].shape)
-                t += 1
                 if layer.bias is not None:
                     ub, gb, pb = views[layer.bias]
-                    deltas[layer.bias] = ub * rows[..., 2] + rows_mix[..., 2] * g_scales[:, t, None] * gb \
-                        + rows_mix[..., 3] * p_scales[:, t, None] * pb
-                    t += 1
+                    t = graph.stat_of[layer.bias]
+                    deltas[layer.bias] = ub * row_scale[..., 2] + row_mix[..., 2] * g_scales[:, t, None] * gb \
+                        + row_mix[..., 3] * p_scales[:, t, None] * pb
             s += len(chain.layers) + 1
         return deltas

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -16,11 +16,8 @@ from .structure import Structure, infer_structure, structure_from_module
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _float32(t: Tensor) -> Tensor:
-    return t if t.dtype == torch.float32 else t.float()
-
-
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without a dispatch when it is already of that dtype (the step is op-bound)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -74,7 +71,6 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         self.module = module
         self._structure: Structure | None = None
         self._warned: set[str] = set()
-        self._learned_device: torch.device | None = None
         self.compile = compile
         self._compiled = None
 
@@ -138,14 +134,13 @@ class MetaNetOptimizer(torch.optim.Optimizer):
                 st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         live_idx = [i for i, l in enumerate(live) if l]
         step = max(float(states[i]["step"]) for i in live_idx) + 1
-        grads32 = [_float32(g) for g in grads]
+        grads32 = [_cast(g, torch.float32) for g in grads]
         torch._foreach_add_([states[i]["step"] for i in live_idx], 1.0)
         device = params[0].device
-        if device != self._learned_device:
+        if next(self.learned.parameters()).device != device:  # Module.to walks every parameter: only on a move
             self.learned.to(device)
-            self._learned_device = device
         compute = self._compiled_direction() if self.compile else _moments_and_direction
-        deltas = compute(self.learned, [_float32(p) for p in params], grads32,
+        deltas = compute(self.learned, [_cast(p, torch.float32) for p in params], grads32,
                          [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                          tuple(live_idx), torch.tensor(step) if self.compile else step, self.structure())
         index = {id(p): i for i, p in enumerate(params)}
@@ -179,7 +174,6 @@ class MetaNetOptimizer(torch.optim.Optimizer):
             new = LearnedOptimizer(config)
             load_meta_state(new, learned["params"], "optimizer state dict")
             self.learned = new.requires_grad_(False)
-            self._learned_device = None
         params = self._params()
         saved = state_dict.get("state", {})
         for idx, st in saved.items():
