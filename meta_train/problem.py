@@ -153,6 +153,7 @@ class LearnedOptimizerProblem:
         population.loss(params, batch) -> Tensor[P]
         population.sample_batch(generator) -> batch
         population.evaluate(params) -> dict[str, Tensor[P]]     # only for meta_loss="val"
+        population.to(device) -> population                     # optional: called when present
 
     A group of tasks is one population (one family, one seed); all its particles advance in lockstep,
     so ``step`` is a plain int; it counts from 1 (the update being made), as Adam-style bias
@@ -216,7 +217,7 @@ class LearnedOptimizerProblem:
             self._cache.move_to_end(key)
             return self._cache[key]
         pop = self.families[family].population(seed, size)
-        if hasattr(pop, "to"):  # tasks/ populations build on the CPU; families that build on a device need not
+        if hasattr(pop, "to"):  # optional (see the class docstring): tasks/ populations build on the CPU
             pop = pop.to(self.device)
         self._cache[key] = pop
         while len(self._cache) > self._cache_size:

@@ -226,7 +226,7 @@ def fit_sirens(network: Network, signals: Tensor, seeds: Sequence[int], steps: i
     P = len(members)
     used = torch.full((P,), steps, dtype=torch.int64, device=device)
     active = torch.arange(P, device=device)  # which members the fit still runs, in its order
-    params = {k: v.clone() for k, v in fit.params().items()}  # the result, [P, ...]
+    params = fit.params()  # the result, [P, ...] (a copy the fit does not touch)
     bar = tqdm(total=steps, desc="fit", unit="step", leave=False, mininterval=1.0, disable=not progress)
     for t in range(steps):
         before = fit.params() if target_psnr is not None else None
