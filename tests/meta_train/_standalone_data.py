@@ -3,9 +3,20 @@
 import torch
 from torch import nn
 
-from meta_train.standalone.smalldata import split_column
+from meta_train.standalone.smalldata import digits_inrs, split_column
 from metaopt import WeightSpace
-from tasks.weight_data import WeightDataset
+from tasks.weight_data import WeightDataset, shard_path
+
+# command-line flags that make every standalone task run in about a second
+FAST = ["--epochs", "2", "--no-progress", "--hidden-channels", "4", "--num-layers", "2", "--head-hidden", "16",
+        "--batch-size", "8", "--threads", "1"]
+
+
+def digits_folder(tmp_path_factory, n_test, steps):
+    """A dataset folder of 16 train, 6 val and ``n_test`` test digit SIRENs (2-8-8-1), fitted for ``steps``."""
+    folder = tmp_path_factory.mktemp("digits")
+    digits_inrs(16, 6, n_test, hidden=(8, 8), steps=steps).save_shard(shard_path(folder, 0))
+    return folder
 
 
 def _cnn():

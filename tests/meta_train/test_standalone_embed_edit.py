@@ -11,22 +11,17 @@ from meta_train.standalone.__main__ import main
 from meta_train.standalone.edit import EDITORS, build_editor, dilate, render
 from meta_train.standalone.embed import knn_accuracy, nt_xent, symmetry_top1
 from meta_train.standalone.harness import ModelConfig
-from meta_train.standalone.smalldata import digits_inrs
 from metaopt import random_hidden_perms
 from tasks.inr import grid
 from tasks.weight_data import WeightDataset, shard_path
 
-from _standalone_data import synthetic_zoo
+from _standalone_data import FAST, digits_folder, synthetic_zoo
 
-FAST = ["--epochs", "2", "--no-progress", "--hidden-channels", "4", "--num-layers", "2", "--head-hidden", "16",
-        "--batch-size", "8", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("digits")
-    digits_inrs(16, 6, 8, hidden=(8, 8), steps=30).save_shard(shard_path(folder, 0))
-    return folder
+    return digits_folder(tmp_path_factory, n_test=8, steps=30)
 
 
 def test_embed_end_to_end(digits_dir, tmp_path):

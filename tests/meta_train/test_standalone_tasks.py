@@ -16,18 +16,14 @@ from meta_train.standalone.smalldata import digits_inrs, sine_inrs, split_column
 from metaopt import WeightSpace
 from tasks.weight_data import WeightDataset, shard_path
 
-from _standalone_data import synthetic_zoo
+from _standalone_data import FAST, digits_folder, synthetic_zoo
 
 ALL = "ours,ours_np,nfn,flat,statnn,deepsets"
-FAST = ["--epochs", "2", "--no-progress", "--hidden-channels", "4", "--num-layers", "2", "--head-hidden", "16",
-        "--batch-size", "8", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("digits")
-    digits_inrs(16, 6, 6, hidden=(8, 8), steps=20).save_shard(shard_path(folder, 0))
-    return folder
+    return digits_folder(tmp_path_factory, n_test=6, steps=20)
 
 
 @pytest.fixture(scope="module")
