@@ -103,7 +103,6 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
 def init_distributed(device: str = "auto") -> DistContext:
     """Join the process group torchrun describes in the environment (or run alone without one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
     if world == 1:
