@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from meta_train.standalone import augment
+from meta_train.standalone.edit import EDITORS, build_editor
 from meta_train.standalone.harness import MODELS, ModelConfig, Normalizer, build_model
 from metaopt import WeightSpace, random_hidden_perms
 from tasks.base import Sine
@@ -170,3 +171,25 @@ def test_siren_symmetries_refuse_convolutions():
     ws = _batch("cnn_flatten")
     with pytest.raises(ValueError, match="convolutions"):
         augment.siren_symmetry(ws, W0)
+
+
+@pytest.mark.parametrize("arch", ["siren_2_5_7_1", "mlp_1_4_6_3_1"])
+@pytest.mark.parametrize("name", [e for e in EDITORS if e != "flat"])
+def test_editors_are_equivariant_and_see_uncoupled_permutations(arch, name):
+    """Editors map weights to weights: permuting the input permutes the output the same way, and a
+    permutation that is not a symmetry (rows of W_0 alone) is not simply carried through."""
+    ws = _batch(arch)
+    torch.manual_seed(1)
+    editor = build_editor(name, ws.spec, ModelConfig(hidden_channels=4, num_layers=2, head_hidden=16)).eval()
+    with torch.no_grad():
+        for p in editor.parameters():  # residual editors start at the identity: give them a real edit
+            p.add_(0.1 * torch.randn_like(p))
+        out = editor(ws)
+        scale = max(t.abs().max().item() for t in out.tensors())
+        perms = random_hidden_perms(ws.spec, torch.Generator().manual_seed(2), batch_size=ws.batch_size)
+        equivariance = max((a - b).abs().max().item()
+                           for a, b in zip(editor(ws.permute_hidden(perms)).tensors(), out.permute_hidden(perms).tensors()))
+        uncoupled = max((a - b).abs().max().item()
+                        for a, b in zip(editor(_uncoupled(ws, None)).tensors(), _uncoupled(out, None).tensors()))
+    assert equivariance < 1e-5 * max(1.0, scale)
+    assert uncoupled > 1e-4 * scale
