@@ -47,6 +47,9 @@ class Config:
     suite: str = _f("tiny", "task suite name (see meta_train.suites.SUITES)")
     seed: int = _f(0, "seeds every random draw of the run; same seed, same run")
     outer_steps: int = _f(100, "number of outer (meta) updates")
+    init_from: str = _f("", "start the meta-parameters from this safetensors file (a run's "
+                        "optimizer.safetensors or meta_params.safetensors, or the shipped default) instead "
+                        "of the suite's fresh initialisation; fine-tunes a learned optimizer")
     # gradient estimator
     estimator: str = _f("pes", "meta-gradient estimator", choices=("pes", "es", "tbptt"))
     sigma: float = _f(0.01, "ES/PES perturbation std")

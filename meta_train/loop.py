@@ -112,6 +112,35 @@ class _StopFlag:
                 signal.signal(s, h)
 
 
+def _warm_start(init: dict[str, Tensor], path: str, problem: MetaProblem) -> dict[str, Tensor]:
+    """The meta-parameters saved in ``path``, checked against the problem's names, shapes and config."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            saved, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"init_from {path}: cannot read it as safetensors ({e})") from e
+    if sorted(saved) != sorted(init):
+        raise CheckpointError(f"init_from {path}: holds {sorted(saved)}, the problem's metanetwork has "
+                              f"{sorted(init)}")
+    for k, v in init.items():
+        if saved[k].shape != v.shape:
+            raise CheckpointError(f"init_from {path}: {k!r} has shape {list(saved[k].shape)}, the problem's "
+                                  f"has {list(v.shape)}")
+        if not torch.isfinite(saved[k]).all():
+            raise CheckpointError(f"init_from {path}: {k!r} has non-finite values")
+    mine = getattr(getattr(problem, "opt", None), "config", None)
+    if "config" in metadata and hasattr(mine, "to_dict"):  # a learned-optimizer file says what it was made for
+        theirs = json.loads(metadata["config"])
+        differ = sorted(k for k, v in mine.to_dict().items() if k in theirs and theirs[k] != v
+                        and not (isinstance(v, tuple) and list(v) == theirs[k]))
+        if differ:
+            raise CheckpointError(f"init_from {path}: made for a learned optimizer with other settings ("
+                                  + ", ".join(f"{k}: file {theirs[k]!r} vs suite {getattr(mine, k)!r}"
+                                              for k in differ) + ")")
+    return {k: saved[k].to(init[k].device, init[k].dtype) for k in init}
+
+
 class MetaTrainer:
     """Meta-trains ``problem`` as ``config`` says; ``train()`` runs (or resumes) to ``outer_steps``."""
 
@@ -124,6 +153,8 @@ class MetaTrainer:
         self.schedule = TruncationSchedule(config.truncation_length, config.min_horizon, config.max_horizon,
                                            config.stagger)
         init = problem.init_meta_params()
+        if config.init_from:
+            init = _warm_start(init, config.init_from, problem)
         self.names = list(init)
         self.meta = {k: nn.Parameter(v.detach().clone()) for k, v in init.items()}
         self.outer_opt = torch.optim.Adam(list(self.meta.values()), lr=config.outer_lr,

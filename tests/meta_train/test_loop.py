@@ -154,3 +154,29 @@ def test_tensorboard_and_meta_eval_logs(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "meta_eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 2, 4]
     assert set(records[-1]["linreg"]["adam"]) == {"0.01", "0.1"}
+
+
+def test_init_from_starts_at_the_saved_meta_parameters_and_names_mismatches(tmp_path):
+    from meta_train.checkpoint import CheckpointError
+    from metaopt.optim.checkpoint import DEFAULT_PATH, load_learned
+
+    shipped = load_learned(DEFAULT_PATH).state_dict()
+    small = Config(**dict(SUITES["small"].defaults, suite="small", progress=False, num_groups=1,
+                          tasks_per_group=2, init_from=str(DEFAULT_PATH)))
+    trainer = MetaTrainer(small, build_problem(small))
+    assert all(torch.equal(trainer.meta_params()[k], v) for k, v in shipped.items())
+    fresh = MetaTrainer(small.replace(init_from=""), build_problem(small))
+    assert not all(torch.equal(fresh.meta_params()[k], v) for k, v in shipped.items())
+
+    # the large suite's learned optimizer has another base lr: the file's config says so
+    large = Config(**dict(SUITES["large"].defaults, suite="large", progress=False, num_groups=1,
+                          tasks_per_group=2, init_from=str(DEFAULT_PATH)))
+    with pytest.raises(CheckpointError, match="lr"):
+        MetaTrainer(large, build_problem(large))
+    # the tiny suite's meta-parameters are not a metanetwork's
+    with pytest.raises(CheckpointError, match="holds"):
+        MetaTrainer(tiny_config(init_from=str(DEFAULT_PATH)), build_problem(tiny_config()))
+    corrupt = tmp_path / "bad.safetensors"
+    corrupt.write_bytes(DEFAULT_PATH.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        MetaTrainer(small.replace(init_from=str(corrupt)), build_problem(small))
