@@ -25,8 +25,8 @@ from metaopt.weight_space import WeightSpace, WeightSpaceSpec, random_hidden_per
 from tasks.weight_data import WeightDataset
 
 __all__ = ["MODELS", "DEFAULT_MODELS", "ModelConfig", "TrainConfig", "Normalizer", "Splits", "load_splits",
-           "build_model", "NFNInvariant", "train_model", "predict", "count_params", "write_results",
-           "parse_models", "StandaloneError"]
+           "build_model", "NFNInvariant", "to_nfn", "from_nfn", "nfn_network_spec", "train_model", "predict",
+           "count_params", "write_results", "parse_models", "StandaloneError"]
 
 
 class StandaloneError(ValueError):
@@ -176,15 +176,10 @@ class NFNInvariant(nn.Module):
                  head_hidden: int = 128, dropout: float = 0.0):
         super().__init__()
         try:
-            from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
             from nfn.layers import HNPPool, NPLinear, TupleOp
         except ImportError as e:  # nfn is a dev extra
             raise StandaloneError("model 'nfn' needs the nfn package: pip install nfn==0.1.2 einops") from e
-        self._features = WeightSpaceFeatures
-        self.conv = any(l.kernel for l in spec.layers)
-        example = self._to_nfn(WeightSpace([torch.zeros(1, 1, l.n_out, l.n_in, *l.kernel) for l in spec.layers],
-                                           [torch.zeros(1, 1, l.n_out) for l in spec.layers], spec))
-        nspec = network_spec_from_wsfeat(example)
+        nspec = nfn_network_spec(spec)
         layers: list[nn.Module] = []
         c = 1
         for _ in range(num_layers):
@@ -198,17 +193,39 @@ class NFNInvariant(nn.Module):
             head.append(nn.Dropout(dropout))
         self.head = nn.Sequential(*head, nn.Linear(head_hidden, out_features))
 
-    def _to_nfn(self, ws: WeightSpace):
-        weights = []
-        for w, layer in zip(ws.weights, ws.spec.layers):
-            if self.conv:
-                k = layer.kernel if len(layer.kernel) == 2 else (layer.kernel + (1, 1))[:2]
-                w = w.reshape(*w.shape[:4], *k)
-            weights.append(w)
-        return self._features(weights, list(ws.biases))
-
     def forward(self, ws: WeightSpace) -> Tensor:
-        return self.head(self.pool(self.trunk(self._to_nfn(ws))).flatten(1))
+        return self.head(self.pool(self.trunk(to_nfn(ws))).flatten(1))
+
+
+def _nfn_kernel(spec: WeightSpaceSpec, layer) -> tuple[int, ...]:
+    if not any(l.kernel for l in spec.layers):
+        return ()
+    return layer.kernel if len(layer.kernel) == 2 else (layer.kernel + (1, 1))[:2]
+
+
+def to_nfn(ws: WeightSpace):
+    """Our WeightSpace as nfn's WeightSpaceFeatures: linear weights ``[B, C, out, in]``; when any layer is a
+    convolution, every weight 6-D ``[B, C, out, in, kh, kw]`` (a linear layer reading a flattened map of ``s``
+    positions gets kernel ``(s, 1)``, a plain linear ``(1, 1)``), the layout nfn expects for CNNs."""
+    from nfn.common import WeightSpaceFeatures
+
+    weights = [w.reshape(*w.shape[:4], *_nfn_kernel(ws.spec, l)) for w, l in zip(ws.weights, ws.spec.layers)]
+    return WeightSpaceFeatures(weights, list(ws.biases))
+
+
+def from_nfn(features, spec: WeightSpaceSpec) -> WeightSpace:
+    """Inverse of :func:`to_nfn` (e.g. for an equivariant nfn stack's output)."""
+    weights = [w.reshape(*w.shape[:4], *l.kernel) for w, l in zip(features.weights, spec.layers)]
+    return WeightSpace(weights, list(features.biases), spec)
+
+
+def nfn_network_spec(spec: WeightSpaceSpec):
+    """nfn's NetworkSpec of the networks of ``spec``, in :func:`to_nfn`'s layout."""
+    from nfn.common import network_spec_from_wsfeat
+
+    return network_spec_from_wsfeat(to_nfn(WeightSpace([torch.zeros(1, 1, l.n_out, l.n_in, *l.kernel)
+                                                         for l in spec.layers],
+                                                        [torch.zeros(1, 1, l.n_out) for l in spec.layers], spec)))
 
 
 def build_model(name: str, spec: WeightSpaceSpec, out_features: int, cfg: ModelConfig = ModelConfig()) -> nn.Module:
