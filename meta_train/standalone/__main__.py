@@ -9,6 +9,8 @@ one weight-space dataset, same data and budget, and write ``OUT/results.md`` and
     python -m meta_train.standalone generalization --data data/cnn_zoo --out runs/gen --models ours,statnn
     python -m meta_train.standalone embed --data data/digits_inrs --out runs/embed     # + runs/embed/tsne.png
     python -m meta_train.standalone edit --data data/digits_inrs --out runs/edit       # + runs/edit/edits.png
+    python -m meta_train.standalone make-small-data cnn-zoo --out data/cnn_zoo
+    python -m meta_train.standalone adapt --data data/cnn_zoo --out runs/adapt --shift rot90   # + adapt.png
     tensorboard --logdir runs
 
 Models: ours (InvariantDWSNet), ours_np (InvariantNFN), nfn (the nfn package's NPLinear model),
@@ -25,6 +27,9 @@ from typing import Sequence
 
 import torch
 
+from tasks.data import FASHION_MNIST_DIR
+
+from .edit import EDITORS
 from .harness import DEFAULT_MODELS, MODEL_HELP, ModelConfig, StandaloneError, TrainConfig, run_supervised
 
 __all__ = ["main", "build_parser", "TASKS"]
@@ -36,6 +41,7 @@ TASKS = {
     "generalization": "classifier zoo: predict test_accuracy, Kendall tau on test networks",
     "embed": "SimCLR embeddings from SIREN-symmetry augmentations; linear probe, kNN, t-SNE plot",
     "edit": "INR editing: equivariant map to the weights of the dilated image; test MSE, edits.png",
+    "adapt": "domain adaptation: classifier-zoo weights -> weights for shifted inputs; target accuracy, adapt.png",
 }
 
 
@@ -43,7 +49,8 @@ def _add_common(p: argparse.ArgumentParser, default_epochs: int) -> None:
     p.add_argument("--data", required=True, help="weight-dataset folder (shard-*.safetensors)")
     p.add_argument("--out", required=True, help="output folder: results.md, results.json, tb/")
     p.add_argument("--models", default=None,
-                   help=f"comma-separated (default: {','.join(DEFAULT_MODELS)}; for edit: {','.join(EDIT_DEFAULT)}), "
+                   help=f"comma-separated (default: {','.join(DEFAULT_MODELS)}; for edit: {','.join(EDIT_DEFAULT)}; "
+                        f"for adapt: {','.join(EDITORS)}), "
                         "from: " + "; ".join(f"{k}: {v}" for k, v in MODEL_HELP.items()))
     p.add_argument("--epochs", type=int, default=default_epochs)
     p.add_argument("--batch-size", type=int, default=64)
@@ -66,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("::")[1])
     sub = p.add_subparsers(dest="task", required=True, metavar="TASK")
     for name, default_epochs in (("classify", 50), ("regress", 50), ("generalization", 50), ("embed", 50),
-                                 ("edit", 50)):
+                                 ("edit", 50), ("adapt", 20)):
         sp = sub.add_parser(name, help=TASKS[name])
         _add_common(sp, default_epochs)
         if name == "regress":
@@ -83,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("embed", "edit"):
             sp.add_argument("--w0", type=float, default=None,
                             help="the SIRENs' w0 (default: the dataset's recorded w0, else 30)")
+        if name in ("embed", "edit", "adapt"):
             sp.add_argument("--no-plot", action="store_true", help="skip the plot")
         if name == "edit":
             sp.add_argument("--size", type=int, default=None,
@@ -90,6 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--kernel", type=int, default=3, help="dilation window (pixels)")
             sp.add_argument("--edit-scale", type=float, default=0.01,
                             help="initial per-tensor scale of the edits (learned), in units of each tensor's std")
+        if name == "adapt":
+            from .adapt import LOSSES, SHIFTS
+
+            sp.add_argument("--shift", default="rot90", help=f"the target domain: {SHIFTS}")
+            sp.add_argument("--image-batch", type=int, default=128, help="target images per training step")
+            sp.add_argument("--loss", choices=LOSSES, default="matched",
+                            help="matched: cross-entropy at the unadapted network's logit scale (default); ce: plain "
+                                 "cross-entropy (the editors then learn to make every network unsure)")
+            sp.add_argument("--edit-scale", type=float, default=1.0,
+                            help="initial per-tensor scale of the weight update (learned), in each tensor's std")
+            sp.add_argument("--finetune-steps", type=int, default=10,
+                            help="reference row: Adam steps per test network on target images (0: no such row)")
+            sp.add_argument("--finetune-lr", type=float, default=1e-2, help="learning rate of that reference")
+            sp.add_argument("--val-images", type=int, default=None,
+                            help="last training-part images held out for validation (default 10%%, at most 5000)")
+            sp.add_argument("--test-images", type=int, default=None, help="first N test images (default: all)")
+            sp.add_argument("--images-dir", default=FASHION_MNIST_DIR, help="folder of the Fashion-MNIST idx files")
+            sp.add_argument("--group-by", default="epoch",
+                            help="metadata column: a second table of target accuracy per value ('' for none)")
     from .smalldata import KINDS
 
     sp = sub.add_parser("make-small-data", help="build a small dataset for tests and CPU runs")
@@ -151,8 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 weight_decay=args.weight_decay, patience=args.patience, augment=not args.no_augment,
                                 seed=args.seed, device=args.device, progress=not args.no_progress)
         command = "python -m meta_train.standalone " + shlex.join(argv)
-        models = args.models or ",".join(EDIT_DEFAULT if args.task == "edit" else DEFAULT_MODELS)
-        if args.task == "edit":
+        models = args.models or ",".join({"edit": EDIT_DEFAULT, "adapt": EDITORS}.get(args.task, DEFAULT_MODELS))
+        if args.task == "adapt":
+            from .adapt import run_adapt
+
+            rows = run_adapt(args.data, args.out, models, model_cfg, train_cfg, args.shift, args.image_batch,
+                             args.loss, args.finetune_steps, args.finetune_lr, args.val_images, args.test_images,
+                             args.images_dir, args.edit_scale, args.group_by or None, not args.no_plot, command)
+        elif args.task == "edit":
             from .edit import run_edit
 
             rows = run_edit(args.data, args.out, models, model_cfg, train_cfg, args.size, args.w0, args.kernel,

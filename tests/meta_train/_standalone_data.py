@@ -38,3 +38,13 @@ def synthetic_zoo(n_train, n_val, n_test, seed=0):
     acc = torch.sigmoid(4 * (ws.weights[-1].square().mean(dim=(1, 2, 3, 4)) / 0.02 - 1))
     return WeightDataset(ws.spec, [w[:, 0] for w in ws.weights], [b[:, 0] for b in ws.biases],
                          {"test_accuracy": acc, "epoch": torch.zeros(n), "split": split_column(n_train, n_val, n_test)})
+
+
+def classifier_zoo(n_train, n_val, n_test, steps=100, seed=0):
+    """CNNs conv(4)-conv(4)-linear on 8x8 digits, ``make-small-data cnn-zoo``'s recipe with one run of
+    ``steps`` Adam steps on 256 images, stored train, then val, then test."""
+    from meta_train.standalone.smalldata import cnn_zoo
+
+    ds = cnn_zoo(n_per_run=n_train + n_val + n_test, checkpoints=(steps,), train_sizes=(256,), seed=seed)
+    ds.meta["split"] = split_column(n_train, n_val, n_test)
+    return ds
