@@ -321,17 +321,17 @@ def run_adapt(data: str | Path | WeightDataset, out: str | Path, models: Sequenc
         raise StandaloneError(f"no metadata column {group_by!r} to group by; the zoo has {sorted(splits.meta['test'])}")
     network.template.to(device)
     images = load_target_images(dataset, shift_fn, val_images, test_images, images_dir, device)
-    raw = {s: classifier_params(splits.normalizer.inverse(getattr(splits, s))) for s in ("val", "test")}
-    before, before_loss = accuracy(network, raw["test"], images.test, images.test_labels)
-    source = accuracy(network, raw["test"], images.source_test, images.test_labels)[0]
+    unadapted_test = classifier_params(splits.normalizer.inverse(splits.test))
+    before, before_loss = accuracy(network, unadapted_test, images.test, images.test_labels)
+    source = accuracy(network, unadapted_test, images.source_test, images.test_labels)[0]
 
     def row(name: str, weights: Params, **extra) -> tuple[dict, Tensor]:
-        acc, loss = accuracy(network, weights, images.test, images.test_labels)
+        acc, target_loss = accuracy(network, weights, images.test, images.test_labels)
         source_acc = accuracy(network, weights, images.source_test, images.test_labels)[0]
         return {"model": name, "test_target_accuracy": acc.mean().item(), "test_gain": (acc - before).mean().item(),
                 "test_improved_fraction": (acc > before).float().mean().item(),
-                "test_source_accuracy": source_acc.mean().item(), "test_target_loss": loss.mean().item(), **extra,
-                "per_network_target_accuracy": acc}, acc
+                "test_source_accuracy": source_acc.mean().item(), "test_target_loss": target_loss.mean().item(),
+                **extra, "per_network_target_accuracy": acc}, acc
 
     rows, after = [], {}
     for name in models:
@@ -361,7 +361,7 @@ def run_adapt(data: str | Path | WeightDataset, out: str | Path, models: Sequenc
                              best_epoch=summary["best_epoch"], train_seconds=summary["train_seconds"],
                              kind="model", description=MODEL_HELP[name], history=summary["history"])
         rows.append(r)
-    references = [row("unadapted", raw["test"], kind="reference",
+    references = [row("unadapted", unadapted_test, kind="reference",
                       description="the input networks, unchanged")[0]]
     if finetune_steps:
         tuned = finetune(network, splits.normalizer.inverse(splits.test), images.train, images.train_labels,
@@ -380,8 +380,9 @@ def run_adapt(data: str | Path | WeightDataset, out: str | Path, models: Sequenc
              "accuracy; test_improved_fraction: networks whose target accuracy rose; test_source_accuracy: "
              "the same networks on the unshifted test images."]
     if group_by:
-        notes += ["", f"Mean target accuracy of the test networks by `{group_by}` (unadapted source accuracy first):",
-                  ""] + _group_table(splits.meta["test"][group_by], {"unadapted (source)": source, **after})
+        notes += ["", f"Mean accuracy of the test networks by `{group_by}` (target domain, unless it says source):",
+                  ""] + _group_table(splits.meta["test"][group_by], {"unadapted (source)": source,
+                                                                      "unadapted (target)": before, **after})
     if plot:
         _plot(before, after, reference["unadapted_source_accuracy"], Path(out) / "adapt.png")
         notes.append("Per-network target accuracy before vs after adaptation: adapt.png")

@@ -51,7 +51,7 @@ def test_adapt_end_to_end(zoo, zoo_dir, tmp_path):
     assert (out / "adapt.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     assert "| ours |" in md and "| unadapted |" in md
-    assert "by `epoch`" in md and "| unadapted (source) | " in md  # the per-checkpoint table
+    assert "by `epoch`" in md and "| unadapted (source) | " in md and "| unadapted (target) | " in md
     # the rebuilt classifiers reproduce the accuracy the zoo recorded for them (all 359 digit test images)
     recorded = zoo.meta["test_accuracy"][zoo.meta["split"] == 2].mean().item()
     assert payload["reference"]["unadapted_source_accuracy"] == pytest.approx(recorded, abs=1e-6)
