@@ -97,8 +97,11 @@ def test_tensor_step_matches_python_step(step):
     v = [torch.rand_like(p) for p in params]
     a = learned.direction(None, params, grads, m, v, step)
     b = learned.direction(None, params, grads, m, v, torch.tensor(step))
-    for x, y in zip(a, b):
+    # ... and compute its scalars outside the compiled code (inside, they may be recomputed per element)
+    c = learned.direction(None, params, grads, m, v, learned.step_scalars(torch.tensor(step), "cpu"))
+    for x, y, z in zip(a, b, c):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(y, z, atol=0, rtol=0)
 
 
 def loss_fn_call(module, named_from, params, x, y):

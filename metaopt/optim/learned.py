@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,16 @@ from .structure import Structure, infer_structure
 NUM_STATS = 5  # per neuron: means of Adam's direction, g, m, v and p^2, each normalised per tensor
 NUM_FLAGS = 6  # has incoming weights, has outgoing weights, lone tensor; log set size, log fan-in, log fan-out
 NUM_OUTPUTS = 7  # log-scales: weight row, weight column, bias; mixes: weight grad, weight param, bias grad, bias param
+
+
+class StepScalars(NamedTuple):
+    """What the step count t contributes: 1 - beta2^t, Adam's scale sqrt(1 - beta2^t) / (1 - beta1^t),
+    its eps, and the time features. Floats, or 0-d / 1-d tensors for compiled callers."""
+
+    bc2: float | Tensor
+    adam_scale: float | Tensor
+    eps: float | Tensor
+    time: Tensor
 
 
 @dataclass(frozen=True)
@@ -77,11 +87,13 @@ def _row_col_means(quantities: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
 
     Small tensors are stacked first (two reductions instead of 2Q: op overhead dominates);
     large ones are reduced one by one (a stack would copy them all: memory traffic dominates)."""
+    _, o, i, k = quantities[0].shape
     if quantities[0][0].numel() <= 1 << 15:
         stacked = torch.stack(list(quantities))  # [Q, B, o, i, k]
-        return stacked.mean((3, 4)).permute(1, 2, 0), stacked.mean((2, 4)).permute(1, 2, 0)
-    return (torch.stack([q.mean((2, 3)) for q in quantities], -1),
-            torch.stack([q.mean((1, 3)) for q in quantities], -1))
+        return stacked.sum((3, 4)).permute(1, 2, 0) * (1 / (i * k)), stacked.sum((2, 4)).permute(1, 2, 0) * (1 / (o * k))
+    # sums, scaled once: a mean is a sum and a division, two dispatches per quantity
+    return (torch.stack([q.sum((2, 3)) for q in quantities], -1) * (1 / (i * k)),
+            torch.stack([q.sum((1, 3)) for q in quantities], -1) * (1 / (o * k)))
 
 
 def _stat_layout(structure: Structure, device) -> tuple[dict[int, int], Tensor, Tensor]:
@@ -158,21 +170,23 @@ class LearnedOptimizer(nn.Module):
             self._graphs[key] = graph
         return self._graphs[key]
 
-    def _step_scalars(self, step, device) -> tuple:
-        """Bias correction 1 - beta2^t, Adam's scale sqrt(1 - beta2^t) / (1 - beta1^t), its eps, time features.
-
-        A Python ``step`` gives Python floats (cheapest in eager mode); a tensor ``step`` keeps
-        everything a tensor, so that a compiled step is not recompiled for every new step count."""
+    def step_scalars(self, step, device) -> StepScalars:
+        """A Python ``step`` gives Python floats (cheapest in eager mode); a tensor ``step`` keeps
+        everything a tensor, so that a compiled step is not recompiled for every new step count.
+        Compiled callers should call this *outside* the compiled code and pass the result as
+        ``step``: inside, the compiler may recompute ``beta ** t`` for every element it fuses into."""
+        if isinstance(step, StepScalars):
+            return step
         c = self.config
         if isinstance(step, Tensor):
             t = step.to(device=device, dtype=torch.float64)
             bc1, bc2 = 1 - c.beta1 ** t, 1 - c.beta2 ** t
             time = torch.tanh(t / torch.tensor(c.time_scales, dtype=torch.float64, device=device))
-            return bc2.float(), (bc2.sqrt() / bc1).float(), (c.eps * bc2.sqrt()).float(), time.float()
+            return StepScalars(bc2.float(), (bc2.sqrt() / bc1).float(), (c.eps * bc2.sqrt()).float(), time.float())
         step = float(step)
         bc1, bc2 = 1 - c.beta1 ** step, 1 - c.beta2 ** step
         time = torch.tensor([math.tanh(step / t) for t in c.time_scales], device=device)
-        return bc2, math.sqrt(bc2) / bc1, c.eps * math.sqrt(bc2), time
+        return StepScalars(bc2, math.sqrt(bc2) / bc1, c.eps * math.sqrt(bc2), time)
 
     # ------------------------------------------------------------------ pure interface
     def init(self, params: Sequence[Tensor]) -> dict[str, list[Tensor]]:
@@ -200,7 +214,7 @@ class LearnedOptimizer(nn.Module):
                   structure: Structure | None = None) -> list[Tensor]:
         """The update direction (to be scaled by -lr), given already-updated moments.
 
-        ``step`` counts from 1: a Python number, or a 0-d tensor (for compiled callers). Written
+        ``step`` counts from 1: a Python number, a 0-d tensor, or its ``step_scalars``. Written
         for few passes over the parameters and few small ops: per-tensor normalisers are computed
         for all tensors at once, so the fixed cost per step grows slowly with depth.
         """
@@ -210,7 +224,7 @@ class LearnedOptimizer(nn.Module):
             raise ValueError(f"structure describes {structure.num_params} tensors, got {len(params)}")
         B, device = params[0].shape[0], params[0].device
         graph = self._graph(structure, device)
-        bc2, adam_scale, eps, time = self._step_scalars(step, device)
+        bc2, adam_scale, eps, time = self.step_scalars(step, device)
         # Adam's direction is adam_scale * m / (sqrt(v) + eps * sqrt(bc2)); adam_scale rides on the
         # per-neuron scales below, so u costs three passes over the parameters
         u = [m / (v.sqrt() + eps) for m, v in zip(exp_avg, exp_avg_sq)]

@@ -97,7 +97,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
     def _compiled_direction(self):
         if self._compiled is None:
             # a tensor step keeps the step count out of the compiled code's guards (no recompiles)
-            self._compiled = torch.compile(_moments_and_direction, dynamic=False)
+            self._compiled = torch.compile(_moments_and_direction, dynamic=False, options={"cpp_wrapper": True})
         return self._compiled
 
     # ------------------------------------------------------------------ step
@@ -142,7 +142,8 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         compute = self._compiled_direction() if self.compile else _moments_and_direction
         deltas = compute(self.learned, [_cast(p, torch.float32) for p in params], grads32,
                          [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                         tuple(live_idx), torch.tensor(step) if self.compile else step, self.structure())
+                         tuple(live_idx), self.learned.step_scalars(torch.tensor(step), device) if self.compile
+                         else step, self.structure())
         index = {id(p): i for i, p in enumerate(params)}
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
