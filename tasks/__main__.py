@@ -26,6 +26,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _worker(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N, e.g. 0/2, got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"K/N needs 0 <= K < N, got {text!r}")
+    return k, n
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="dataset folder (created; an existing one is resumed)")
     p.add_argument("--seed", type=int, default=0, help="build seed; every network's seed derives from it (default 0)")
@@ -36,6 +46,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default: torch's choice); 1 is much faster on a machine whose cores "
                         "other processes keep busy")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--worker", type=_worker, default=(0, 1), metavar="K/N",
+                   help="build only shards i with i %% N == K; start N processes (K = 0 .. N-1, same command "
+                        "otherwise, e.g. one thread each on a multi-core CPU) to build one folder together")
 
 
 def _fit_options(p: argparse.ArgumentParser) -> None:
@@ -105,7 +118,7 @@ def _build(args: argparse.Namespace) -> Path:
     from . import make_data
     from .data import FASHION_MNIST_DIR
 
-    common = {"seed": args.seed, "device": args.device, "progress": not args.quiet}
+    common = {"seed": args.seed, "device": args.device, "progress": not args.quiet, "worker": args.worker}
     if args.shard_size:
         common["shard_size"] = args.shard_size
     if args.kind in ("inr", "sine"):
@@ -148,7 +161,7 @@ def summary(folder: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from .weight_data import WeightDataError
+    from .weight_data import WeightDataError, missing_shards
 
     if args.threads:
         from metaopt.cpu import set_worker_threads
@@ -162,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, WeightDataError) as e:  # bad options, recipe mismatch
         print(f"error: {e}", file=sys.stderr)
         return 2
+    missing = missing_shards(out)
+    if missing:  # other workers' shards
+        print(f"worker {args.worker[0]}/{args.worker[1]}: its shards are in {out}; {len(missing)} shard(s) of other "
+              f"workers still missing, the folder loads once every worker has finished")
+        return 0
     print(summary(out))
     print(f"load it with: tasks.weight_data.WeightDataset.load({str(out)!r})")
     return 0

@@ -45,7 +45,8 @@ from .base import Network, Params, Population
 from .classify import NUM_CLASSES, cnn
 from .data import FASHION_MNIST_DIR, digits_split_indices, load_digits, load_fashion_mnist, load_images
 from .inr import INRTask, SirenFit, psnr, siren
-from .weight_data import SPLITS, WeightDataError, WeightDataset, existing_shards, shard_path
+from .weight_data import (RECIPE_FILE, SPLITS, WeightDataError, WeightDataset, existing_shards, shard_index,
+                          shard_path)
 
 __all__ = [
     "build_image_inrs", "build_sine_inrs", "build_classifier_zoo", "fit_sirens", "FitResult", "image_splits",
@@ -53,7 +54,6 @@ __all__ = [
     "IMAGE_INR_DATASETS", "ZOO_DATASETS",
 ]
 
-RECIPE_FILE = "recipe.json"
 IMAGE_INR_DATASETS = ("fashion_mnist", "fashion_mnist_8x8", "digits")
 ZOO_DATASETS = {"fashion_mnist": 28, "fashion_mnist_8x8": 8, "digits": 8}  # name -> image size
 FASHION_VAL = 5000  # the last 5000 images of the Fashion-MNIST training file are the validation split
@@ -174,16 +174,35 @@ def _open_folder(out: str | Path, recipe: dict, notes: dict, device: torch.devic
     return out
 
 
+def _record_shard_count(out: Path, n_shards: int) -> None:
+    """Write the shard count into recipe.json: ``WeightDataset.load`` refuses an unfinished folder."""
+    path = out / RECIPE_FILE
+    data = json.loads(path.read_text())
+    if data.get("shards") != n_shards:
+        data["shards"] = n_shards
+        atomic_write(path, json.dumps(data, indent=2) + "\n")
+
+
 def _build_shards(out: Path, n_shards: int, make_shard: Callable[[int], WeightDataset], desc: str,
-                  summary: str, progress: bool, on_shard: OnShard | None) -> None:
-    """Make and save every shard not yet on disk, in order; tqdm shows shards and the mean ``summary`` column."""
-    on_disk = {int(p.name[len("shard-"):-len(".safetensors")]) for p in existing_shards(out)}
+                  summary: str, progress: bool, on_shard: OnShard | None,
+                  worker: tuple[int, int] = (0, 1)) -> None:
+    """Make and save every shard not yet on disk, in order; tqdm shows shards and the mean ``summary`` column.
+
+    ``worker=(k, n)``: only shards ``i`` with ``i % n == k``, so that n processes (or machines
+    sharing the folder) build one dataset together; each shard is written atomically, and a shard
+    depends only on the recipe and its index, so the result is the same as one process's."""
+    k, n = worker
+    if not 0 <= k < n:
+        raise ValueError(f"worker must be (k, n) with 0 <= k < n, got {worker}")
+    on_disk = {shard_index(p) for p in existing_shards(out)}
     extra = sorted(i for i in on_disk if i >= n_shards)
     if extra:
         raise WeightDataError(f"{out} has shards {extra} beyond the {n_shards} this recipe makes; "
                               "the folder was changed by hand, delete it to rebuild")
-    todo = [i for i in range(n_shards) if i not in on_disk]
-    bar = tqdm(total=n_shards, initial=n_shards - len(todo), desc=desc, unit="shard", disable=not progress)
+    _record_shard_count(out, n_shards)
+    mine = [i for i in range(n_shards) if i % n == k]
+    todo = [i for i in mine if i not in on_disk]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, unit="shard", disable=not progress)
     values: list[Tensor] = []
     try:
         for i in todo:
@@ -321,7 +340,8 @@ def build_image_inrs(out: str | Path, dataset: str = "fashion_mnist", views: int
                      lr: float = 5e-4, hidden: Sequence[int] = (32, 32), w0: float = 30.0,
                      target_psnr: float | None = 40.0, shard_size: int = 256, limit: int | None = None,
                      seed: int = 0, device: str | torch.device | None = None, data_dir: str = FASHION_MNIST_DIR,
-                     progress: bool = True, on_shard: OnShard | None = None) -> Path:
+                     progress: bool = True, on_shard: OnShard | None = None,
+                     worker: tuple[int, int] = (0, 1)) -> Path:
     """Fit a SIREN to every image of ``dataset`` (``views`` independent fits each) into a dataset folder.
 
     Recipe: SIREN ``2 -> hidden -> 1`` with sine activations ``sin(w0 (Wx + b))``, the init and
@@ -365,7 +385,7 @@ def build_image_inrs(out: str | Path, dataset: str = "fashion_mnist", views: int
                 "view": view, "seed": torch.tensor(seeds, dtype=torch.int64), "psnr": fit.psnr, "steps": fit.steps}
         return _to_dataset(network, fit.params, meta, recipe)
 
-    _build_shards(out, n_shards, make_shard, f"{dataset} INRs", "psnr", progress, on_shard)
+    _build_shards(out, n_shards, make_shard, f"{dataset} INRs", "psnr", progress, on_shard, worker)
     return out
 
 
@@ -388,7 +408,8 @@ def build_sine_inrs(out: str | Path, n: int = 5000, points: int = 128, amplitude
                     hidden: Sequence[int] = (32, 32), w0: float = 30.0, target_psnr: float | None = 40.0,
                     shard_size: int = 1000, split_fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
                     device: str | torch.device | None = None, progress: bool = True,
-                    on_shard: OnShard | None = None) -> Path:
+                    on_shard: OnShard | None = None,
+                    worker: tuple[int, int] = (0, 1)) -> Path:
     """Fit 1-D SIRENs to ``n`` waves ``a sin(b x)`` (see :func:`sine_signal`) into a dataset folder.
 
     Wave ``i`` draws ``a`` and ``b`` uniformly from the ``amplitude`` and ``frequency`` ranges
@@ -434,7 +455,7 @@ def build_sine_inrs(out: str | Path, n: int = 5000, points: int = 128, amplitude
                 "seed": torch.tensor(seeds, dtype=torch.int64), "psnr": fit.psnr, "steps": fit.steps}
         return _to_dataset(network, fit.params, meta, recipe)
 
-    _build_shards(out, math.ceil(n / shard_size), make_shard, "sine INRs", "psnr", progress, on_shard)
+    _build_shards(out, math.ceil(n / shard_size), make_shard, "sine INRs", "psnr", progress, on_shard, worker)
     return out
 
 
@@ -454,7 +475,8 @@ def build_classifier_zoo(out: str | Path, n_models: int = 200, epochs: Sequence[
                          train_eval: int = 1000, shard_size: int = 50,
                          split_fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
                          device: str | torch.device | None = None, data_dir: str = FASHION_MNIST_DIR,
-                         progress: bool = True, on_shard: OnShard | None = None) -> Path:
+                         progress: bool = True, on_shard: OnShard | None = None,
+                         worker: tuple[int, int] = (0, 1)) -> Path:
     """Train ``n_models`` CNNs of one architecture with varied hyperparameters; store checkpoints at ``epochs``.
 
     For generalization prediction (accuracy from weights).  Architecture: :func:`tasks.cnn`
@@ -539,7 +561,7 @@ def build_classifier_zoo(out: str | Path, n_models: int = 200, epochs: Sequence[
         return _to_dataset(network, params, meta, recipe)
 
     _build_shards(out, math.ceil(n_models / shard_size), make_shard, f"{dataset} zoo", "test_accuracy", progress,
-                  on_shard)
+                  on_shard, worker)
     return out
 
 

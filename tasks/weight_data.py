@@ -27,8 +27,10 @@ from torch import Tensor
 from metaopt import LayerSpec, WeightSpace, WeightSpaceSpec
 from metaopt.optim.checkpoint import atomic_write
 
-__all__ = ["WeightDataset", "WeightDataError", "SPLITS", "shard_path", "existing_shards"]
+__all__ = ["WeightDataset", "WeightDataError", "SPLITS", "shard_path", "existing_shards", "missing_shards",
+           "RECIPE_FILE"]
 
+RECIPE_FILE = "recipe.json"  # how a folder was built (tasks.make_data), and how many shards it makes
 FORMAT = "metaopt-weight-dataset"
 VERSION = 1
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -164,13 +166,22 @@ class WeightDataset:
             raise WeightDataError(f"{path}: {e}") from None
 
     @classmethod
-    def load(cls, folder: str | Path) -> "WeightDataset":
-        """All shards of a dataset folder, concatenated in shard order."""
+    def load(cls, folder: str | Path, partial: bool = False) -> "WeightDataset":
+        """All shards of a dataset folder, concatenated in shard order.
+
+        An unfinished build (a killed one, or one whose other ``--worker`` s are still running) is
+        an error naming the missing shards, so that no experiment silently runs on part of the
+        data; ``partial=True`` loads the shards that are there."""
         folder = Path(folder)
         shards = existing_shards(folder)
         if not shards:
             raise WeightDataError(f"{folder}: no shard-*.safetensors files (build the dataset first: "
                                   f"python -m tasks make-data --help)")
+        missing = missing_shards(folder)
+        if missing and not partial:
+            shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+            raise WeightDataError(f"{folder}: the build is unfinished: {len(missing)} shard(s) missing ({shown}); "
+                                  f"re-run its make-data command to finish it, or load(..., partial=True)")
         return cls.concat([cls.load_shard(p) for p in shards])
 
 
@@ -180,3 +191,29 @@ def shard_path(folder: str | Path, index: int) -> Path:
 
 def existing_shards(folder: str | Path) -> list[Path]:
     return sorted(Path(folder).glob("shard-[0-9][0-9][0-9][0-9][0-9].safetensors"))
+
+
+def shard_index(path: Path) -> int:
+    return int(path.name[len("shard-"):-len(".safetensors")])
+
+
+def expected_shards(folder: str | Path) -> int | None:
+    """How many shards the folder's build makes, as its ``recipe.json`` records (None: not recorded)."""
+    path = Path(folder) / RECIPE_FILE
+    if not path.exists():
+        return None
+    try:
+        count = json.loads(path.read_text()).get("shards")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise WeightDataError(f"{path}: unreadable ({e}); delete the folder to rebuild it") from None
+    return None if count is None else int(count)
+
+
+def missing_shards(folder: str | Path) -> list[int]:
+    """Shard indices a complete folder would have and this one lacks (gaps, and absent last shards
+    when ``recipe.json`` says how many there are)."""
+    on_disk = {shard_index(p) for p in existing_shards(folder)}
+    total = expected_shards(folder)
+    if total is None:
+        total = max(on_disk, default=-1) + 1
+    return sorted(set(range(total)) - on_disk)

@@ -115,6 +115,30 @@ def test_rebuild_is_identical_and_resume_fits_only_missing_shards(tmp_path):
     assert built == []  # a complete folder is a cache hit
 
 
+def test_workers_build_the_same_folder_and_an_unfinished_one_does_not_load(tmp_path, capsys):
+    built = []
+    a = build_image_inrs(tmp_path / "a", **TINY_INR, worker=(1, 2), on_shard=lambda i, shard: built.append(i))
+    assert built == [1]
+    assert json.loads((a / RECIPE_FILE).read_text())["shards"] == 3
+    with pytest.raises(WeightDataError, match=r"unfinished: 2 shard\(s\) missing \(0, 2\)"):
+        WeightDataset.load(a)
+    assert len(WeightDataset.load(a, partial=True)) == 5  # shard 1 only
+    # the command line of worker 0 finishes the folder and then prints its summary
+    argv = ["make-data", "inr", "--dataset", "digits", "--limit", "2", "--views", "2", "--steps", "30",
+            "--shard-size", "5", "--quiet", "--out", str(a)]
+    assert main(argv + ["--worker", "0/2"]) == 0
+    assert "networks in" in capsys.readouterr().out
+    assert same_data(a, build_image_inrs(tmp_path / "b", **TINY_INR))  # = one process's build
+    # a killed single build (last shard missing) is refused too, not loaded as a smaller dataset
+    shard_path(a, 2).unlink()
+    with pytest.raises(WeightDataError, match="unfinished"):
+        WeightDataset.load(a)
+    with pytest.raises(SystemExit):
+        main(argv + ["--worker", "2/2"])
+    with pytest.raises(ValueError, match="worker"):
+        build_image_inrs(tmp_path / "c", **TINY_INR, worker=(2, 2))
+
+
 def test_other_recipe_in_existing_folder_is_an_error(tmp_path):
     out = build_image_inrs(tmp_path / "inr", **{**TINY_INR, "limit": 1})
     with pytest.raises(WeightDataError, match=r"another recipe \(steps: folder has 30, this build asks 31\)"):
