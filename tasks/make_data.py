@@ -51,7 +51,7 @@ from .weight_data import (RECIPE_FILE, SPLITS, WeightDataError, WeightDataset, e
 __all__ = [
     "build_image_inrs", "build_sine_inrs", "build_classifier_zoo", "fit_sirens", "FitResult", "image_splits",
     "ImageSplits", "sine_signal", "network_for", "read_recipe", "derive_seed", "resolve_device", "RECIPE_FILE",
-    "IMAGE_INR_DATASETS", "ZOO_DATASETS",
+    "IMAGE_INR_DATASETS", "ZOO_DATASETS", "evaluate_classifiers",
 ]
 
 IMAGE_INR_DATASETS = ("fashion_mnist", "fashion_mnist_8x8", "digits")
@@ -592,8 +592,8 @@ def _train_zoo_population(network: Network, hp: list[dict], data: tuple[Tensor, 
 
     def checkpoint() -> None:
         checkpoints.append({k: p.detach().clone() for k, p in params.items()})
-        test = _evaluate(network, params, test_images, test_labels, test_idx)
-        train = _evaluate(network, params, images, labels, train_idx)
+        test = evaluate_classifiers(network, params, test_images, test_labels, test_idx)
+        train = evaluate_classifiers(network, params, images, labels, train_idx)
         metrics.append({"test_accuracy": test[0], "test_loss": test[1], "train_accuracy": train[0],
                         "train_loss": train[1]})
 
@@ -627,7 +627,7 @@ def _train_zoo_population(network: Network, hp: list[dict], data: tuple[Tensor, 
 
 
 @torch.no_grad()
-def _evaluate(network: Network, params: Params, images: Tensor, labels: Tensor, idx: Tensor,
+def evaluate_classifiers(network: Network, params: Params, images: Tensor, labels: Tensor, idx: Tensor,
               chunk: int = 500) -> tuple[Tensor, Tensor]:
     """Accuracy and mean cross-entropy ``[P]`` of every member on ``images[idx]``: ``idx`` is ``[n]``
     (the same examples for all members) or ``[P, n]`` (each member its own); chunks bound memory."""

@@ -42,14 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .edit import EDITORS, _Residual, build_editor
+from .edit import EDITORS, ResidualEditor, build_editor
 from .harness import (MODEL_HELP, ModelConfig, Splits, StandaloneError, TrainConfig, count_params, from_nfn,
                       load_splits, nfn_network_spec, parse_models, take, to_nfn, train_model, write_results)
 from metaopt.weight_space import WeightSpace, WeightSpaceSpec, spec_from_module
 from tasks.base import Network, Params
 from tasks.classify import NUM_CLASSES, cnn
 from tasks.data import FASHION_MNIST_DIR, load_images
-from tasks.make_data import ZOO_DATASETS, _evaluate, network_for
+from tasks.make_data import ZOO_DATASETS, evaluate_classifiers, network_for
 from tasks.weight_data import WeightDataset
 
 __all__ = ["SHIFTS", "LOSSES", "parse_shift", "source_classifier", "classifier_params", "matched_logits",
@@ -150,7 +150,7 @@ def accuracy(network: Network, params: Params, images: Tensor, labels: Tensor) -
     """Accuracy and mean cross-entropy ``[P]`` of every network on all ``images [n, 1, H, W]``."""
     P, step = network.check(params), _chunk(network, images)
     idx = torch.arange(len(labels), device=labels.device)
-    parts = [_evaluate(network, {k: v[a:a + step] for k, v in params.items()}, images, labels, idx)
+    parts = [evaluate_classifiers(network, {k: v[a:a + step] for k, v in params.items()}, images, labels, idx)
              for a in range(0, P, step)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -336,7 +336,7 @@ def run_adapt(data: str | Path | WeightDataset, out: str | Path, models: Sequenc
     rows, after = [], {}
     for name in models:
         torch.manual_seed(train_cfg.seed)
-        model = _Residual(build_adapter(name, splits.spec, model_cfg), splits, init_scale).to(device)
+        model = ResidualEditor(build_adapter(name, splits.spec, model_cfg), splits, init_scale).to(device)
         image_gen = torch.Generator().manual_seed(train_cfg.seed)  # every model sees the same image batches
 
         def loss_fn(m, batch, idx):

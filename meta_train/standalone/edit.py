@@ -29,7 +29,7 @@ from metaopt.weight_space import WeightSpace, WeightSpaceSpec
 from tasks.inr import grid
 from tasks.weight_data import WeightDataset
 
-__all__ = ["EDITORS", "render", "dilate", "build_editor", "NFNEditor", "run_edit"]
+__all__ = ["EDITORS", "render", "dilate", "build_editor", "NFNEditor", "ResidualEditor", "run_edit"]
 
 EDITORS = ("ours", "ours_np", "nfn", "flat")
 
@@ -110,7 +110,7 @@ def build_editor(name: str, spec: WeightSpaceSpec, cfg: ModelConfig = ModelConfi
     return model
 
 
-class _Residual(nn.Module):
+class ResidualEditor(nn.Module):
     """``raw + scale * editor(normalized) * std``: the edit in raw weight units, for rendering.
 
     Why the learned per-tensor ``scale`` (starting at ``init_scale``): a SIREN's output turns to
@@ -185,7 +185,7 @@ def run_edit(data: str | Path | WeightDataset, out: str | Path, models: Sequence
     rows, edits = [], {}
     for name in models:
         torch.manual_seed(train_cfg.seed)
-        model = _Residual(build_editor(name, spec, model_cfg), splits, init_scale).to(device)
+        model = ResidualEditor(build_editor(name, spec, model_cfg), splits, init_scale).to(device)
 
         def mse(m, ws, target):
             return (render(m(ws), coords, w0).view_as(target) - target).square().mean()
