@@ -90,7 +90,8 @@ def _row_col_means(quantities: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     _, o, i, k = quantities[0].shape
     if quantities[0][0].numel() <= 1 << 15:
         stacked = torch.stack(list(quantities))  # [Q, B, o, i, k]
-        return stacked.sum((3, 4)).permute(1, 2, 0) * (1 / (i * k)), stacked.sum((2, 4)).permute(1, 2, 0) * (1 / (o * k))
+        return (stacked.sum((3, 4)).permute(1, 2, 0) * (1 / (i * k)),
+                stacked.sum((2, 4)).permute(1, 2, 0) * (1 / (o * k)))
     # sums, scaled once: a mean is a sum and a division, two dispatches per quantity
     return (torch.stack([q.sum((2, 3)) for q in quantities], -1) * (1 / (i * k)),
             torch.stack([q.sum((1, 3)) for q in quantities], -1) * (1 / (o * k)))

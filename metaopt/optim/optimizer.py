@@ -94,10 +94,12 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._structure = None
 
-    def _compiled_direction(self):
+    def _compiled_direction(self, device: torch.device):
         if self._compiled is None:
-            # a tensor step keeps the step count out of the compiled code's guards (no recompiles)
-            self._compiled = torch.compile(_moments_and_direction, dynamic=False, options={"cpp_wrapper": True})
+            # a tensor step keeps the step count out of the compiled code's guards (no recompiles);
+            # on the CPU, Inductor's C++ wrapper saves Python work per call (measured; GPU: default wrapper)
+            self._compiled = torch.compile(_moments_and_direction, dynamic=False,
+                                           options={"cpp_wrapper": device.type == "cpu"})
         return self._compiled
 
     # ------------------------------------------------------------------ step
@@ -139,7 +141,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         device = params[0].device
         if next(self.learned.parameters()).device != device:  # Module.to walks every parameter: only on a move
             self.learned.to(device)
-        compute = self._compiled_direction() if self.compile else _moments_and_direction
+        compute = self._compiled_direction(device) if self.compile else _moments_and_direction
         deltas = compute(self.learned, [_cast(p, torch.float32) for p in params], grads32,
                          [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                          tuple(live_idx), self.learned.step_scalars(torch.tensor(step), device) if self.compile
