@@ -279,6 +279,26 @@ def test_any_model_trains_every_tensor():
     assert "lone" in opt.describe()
 
 
+@pytest.mark.parametrize("empty_shape", [(0,), (0, 4), (3, 0), (2, 0, 3, 3)])
+def test_zero_element_parameters_change_nothing(empty_shape):
+    # an empty tensor (a placeholder, a zero-width layer) has nothing to update and must not break the rest
+    torch.manual_seed(0)
+    nets = [mlp(4, 7, 3, 2) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    empty = nn.Parameter(torch.zeros(empty_shape))
+    x, y = data()
+    plain = MetaNetOptimizer(nets[0].parameters(), lr=1e-2, learned=random_learned())
+    with_empty = MetaNetOptimizer([*nets[1].parameters(), empty], lr=1e-2, learned=random_learned())
+    train(nets[0], plain, 3, x, y)
+    for _ in range(3):
+        with_empty.zero_grad()
+        (loss_fn(nets[1], x, y) + empty.sum()).backward()
+        with_empty.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert with_empty.state[empty]["exp_avg"].shape == empty_shape
+
+
 def test_learned_checkpoint_round_trip_and_errors(tmp_path):
     learned = random_learned()
     path = tmp_path / "opt.safetensors"

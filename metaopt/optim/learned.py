@@ -88,6 +88,7 @@ def _row_col_means(quantities: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     Small tensors are stacked first (two reductions instead of 2Q: op overhead dominates);
     large ones are reduced one by one (a stack would copy them all: memory traffic dominates)."""
     _, o, i, k = quantities[0].shape
+    o, i, k = max(o, 1), max(i, 1), max(k, 1)  # a zero-element tensor: empty sums, nothing to scale
     if quantities[0][0].numel() <= 1 << 15:
         stacked = torch.stack(list(quantities))  # [Q, B, o, i, k]
         return (stacked.sum((3, 4)).permute(1, 2, 0) * (1 / (i * k)),
@@ -126,7 +127,7 @@ def _stat_layout(structure: Structure, device) -> tuple[dict[int, int], Tensor, 
     average = torch.zeros(T, sum(row_sizes))
     start = 0
     for t, n in enumerate(row_sizes):
-        average[t, start:start + n] = 1.0 / n
+        average[t, start:start + n] = 1.0 / max(n, 1)  # a zero-element tensor has no rows to average
         start += n
     return stat_of, average.to(device), columns.to(device)
 
