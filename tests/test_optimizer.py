@@ -299,6 +299,15 @@ def test_zero_element_parameters_change_nothing(empty_shape):
     assert with_empty.state[empty]["exp_avg"].shape == empty_shape
 
 
+def test_complex_parameters_are_refused_by_name():
+    # float32 arithmetic would silently drop the imaginary part
+    with pytest.raises(TypeError, match="complex64"):
+        MetaNetOptimizer([nn.Parameter(torch.randn(3, dtype=torch.complex64))])
+    opt = MetaNetOptimizer(nn.Linear(2, 2).parameters())
+    with pytest.raises(TypeError, match="complex128"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(3, dtype=torch.complex128))]})
+
+
 def test_learned_checkpoint_round_trip_and_errors(tmp_path):
     learned = random_learned()
     path = tmp_path / "opt.safetensors"
