@@ -43,17 +43,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .edit import EDITORS, ResidualEditor, build_editor
-from .harness import (MODEL_HELP, ModelConfig, Splits, StandaloneError, TrainConfig, count_params, from_nfn,
-                      load_splits, nfn_network_spec, parse_models, take, to_nfn, train_model, write_results)
-from metaopt.weight_space import WeightSpace, WeightSpaceSpec, spec_from_module
+from .harness import (MODEL_HELP, ModelConfig, Splits, StandaloneError, TrainConfig, count_params, load_splits,
+                      parse_models, take, train_model, write_results)
+from metaopt.weight_space import WeightSpace, spec_from_module
 from tasks.base import Network, Params
 from tasks.classify import NUM_CLASSES, cnn
 from tasks.data import FASHION_MNIST_DIR, load_images
-from tasks.make_data import ZOO_DATASETS, evaluate_classifiers, network_for
+from tasks.make_data import IMAGE_SIZES, evaluate_classifiers, network_for
 from tasks.weight_data import WeightDataset
 
 __all__ = ["SHIFTS", "LOSSES", "parse_shift", "source_classifier", "classifier_params", "matched_logits",
-           "NFNAnyEditor", "build_adapter", "TargetImages", "load_target_images", "accuracy", "finetune", "run_adapt"]
+           "TargetImages", "load_target_images", "accuracy", "finetune", "run_adapt"]
 
 SHIFTS = "rot90, rot180, hflip, invert, rotate:DEG (e.g. rotate:45), noise:STD (e.g. noise:0.3)"
 LOSSES = ("matched", "ce")
@@ -101,7 +101,7 @@ def source_classifier(splits: Splits) -> tuple[Network, str]:
         network, dataset = network_for(recipe), recipe["dataset"]
     elif info.get("kind") == "cnn_zoo":  # make-small-data cnn-zoo: relu CNNs on 8x8 digits
         channels = [l.n_out for l in spec.layers if l.kind == "conv2d"]
-        network, dataset = cnn(ZOO_DATASETS["digits"], channels, NUM_CLASSES), "digits"
+        network, dataset = cnn(IMAGE_SIZES["digits"], channels, NUM_CLASSES), "digits"
         if info.get("network", network.name) != network.name:
             raise StandaloneError(f"the zoo records its networks as {info['network']}, but adapt rebuilds "
                                   f"{network.name} from it")
@@ -153,40 +153,6 @@ def accuracy(network: Network, params: Params, images: Tensor, labels: Tensor) -
     parts = [evaluate_classifiers(network, {k: v[a:a + step] for k, v in params.items()}, images, labels, idx)
              for a in range(0, P, step)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-# --------------------------------------------------------------------------- the editors
-class NFNAnyEditor(nn.Module):
-    """nfn 0.1.2's equivariant NPLinear(io_embed) stack, ReLU between, one output channel, on MLPs *and*
-    CNNs (:func:`.harness.to_nfn` layout); :class:`.edit.NFNEditor` reads only Linear layers."""
-
-    def __init__(self, spec: WeightSpaceSpec, hidden_channels: int, num_layers: int):
-        super().__init__()
-        try:
-            from nfn.layers import NPLinear, TupleOp
-        except ImportError as e:
-            raise StandaloneError("model 'nfn' needs the nfn package: pip install nfn==0.1.2 einops") from e
-        nspec = nfn_network_spec(spec)
-        widths = [1] + [hidden_channels] * (num_layers - 1) + [1]
-        layers: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:]):
-            layers += [NPLinear(nspec, a, b, io_embed=True), TupleOp(nn.ReLU())]
-        self.net = nn.Sequential(*layers[:-1])
-        self.spec = spec
-
-    def forward(self, ws: WeightSpace) -> WeightSpace:
-        return from_nfn(self.net(to_nfn(ws)), self.spec)
-
-
-def build_adapter(name: str, spec: WeightSpaceSpec, cfg: ModelConfig = ModelConfig()) -> nn.Module:
-    """:func:`.edit.build_editor` (output starts at exactly zero), with the nfn peer able to read CNNs."""
-    if name != "nfn":
-        return build_editor(name, spec, cfg)
-    model = NFNAnyEditor(spec, cfg.hidden_channels, cfg.num_layers)
-    with torch.no_grad():
-        for p in model.net[-1].parameters():
-            p.zero_()
-    return model
 
 
 # --------------------------------------------------------------------------- the images
@@ -336,7 +302,7 @@ def run_adapt(data: str | Path | WeightDataset, out: str | Path, models: Sequenc
     rows, after = [], {}
     for name in models:
         torch.manual_seed(train_cfg.seed)
-        model = ResidualEditor(build_adapter(name, splits.spec, model_cfg), splits, init_scale).to(device)
+        model = ResidualEditor(build_editor(name, splits.spec, model_cfg), splits, init_scale).to(device)
         image_gen = torch.Generator().manual_seed(train_cfg.seed)  # every model sees the same image batches
 
         def loss_fn(m, batch, idx):

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .harness import (MODEL_HELP, ModelConfig, Splits, StandaloneError, TrainConfig, count_params, load_splits,
-                      parse_models, recorded, take, train_model, write_results)
+from .harness import (MODEL_HELP, ModelConfig, Splits, StandaloneError, TrainConfig, count_params, from_nfn,
+                      load_splits, nfn_network_spec, parse_models, recorded, take, to_nfn, train_model,
+                      write_results)
 from metaopt.models import NFN, DWSNet, FlatMLP
 from metaopt.weight_space import WeightSpace, WeightSpaceSpec
 from tasks.inr import grid
@@ -51,31 +52,25 @@ def dilate(images: Tensor, kernel: int = 3) -> Tensor:
 
 
 class NFNEditor(nn.Module):
-    """nfn 0.1.2's equivariant stack: NPLinear(io_embed) layers with ReLU between, one output channel."""
+    """nfn 0.1.2's equivariant stack: NPLinear(io_embed) layers with ReLU between, one output channel,
+    on MLPs and CNNs (in :func:`.harness.to_nfn`'s layout)."""
 
     def __init__(self, spec: WeightSpaceSpec, hidden_channels: int, num_layers: int):
         super().__init__()
         try:
-            from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
             from nfn.layers import NPLinear, TupleOp
         except ImportError as e:
             raise StandaloneError("model 'nfn' needs the nfn package: pip install nfn==0.1.2 einops") from e
-        self._features = WeightSpaceFeatures
-        example = WeightSpaceFeatures([torch.zeros(1, 1, l.n_out, l.n_in) for l in spec.layers],
-                                      [torch.zeros(1, 1, l.n_out) for l in spec.layers])
-        nspec = network_spec_from_wsfeat(example)
+        nspec = nfn_network_spec(spec)
         widths = [1] + [hidden_channels] * (num_layers - 1) + [1]
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-            layers.append(NPLinear(nspec, a, b, io_embed=True))
-            if i < num_layers - 1:
-                layers.append(TupleOp(nn.ReLU()))
-        self.net = nn.Sequential(*layers)
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [NPLinear(nspec, a, b, io_embed=True), TupleOp(nn.ReLU())]
+        self.net = nn.Sequential(*layers[:-1])
         self.spec = spec
 
     def forward(self, ws: WeightSpace) -> WeightSpace:
-        out = self.net(self._features(list(ws.weights), list(ws.biases)))
-        return WeightSpace(list(out.weights), list(out.biases), self.spec)
+        return from_nfn(self.net(to_nfn(ws)), self.spec)
 
 
 class _FlatEditor(nn.Module):

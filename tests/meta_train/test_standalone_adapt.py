@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from meta_train.standalone.__main__ import main
-from meta_train.standalone.adapt import (build_adapter, classifier_params, matched_logits, parse_shift, run_adapt,
-                                         source_classifier)
-from meta_train.standalone.edit import EDITORS, ResidualEditor
+from meta_train.standalone.adapt import classifier_params, matched_logits, parse_shift, run_adapt, source_classifier
+from meta_train.standalone.edit import EDITORS, ResidualEditor, build_editor
 from meta_train.standalone.harness import ModelConfig, StandaloneError, TrainConfig, load_splits
 from meta_train.standalone.smalldata import split_column
 from metaopt import random_hidden_perms
@@ -83,7 +82,7 @@ def test_adapters_are_equivariant_and_start_at_the_input(zoo, name):
     network, _ = source_classifier(splits)
     ws = splits.train
     torch.manual_seed(0)
-    model = ResidualEditor(build_adapter(name, splits.spec, TINY), splits, 1.0).eval()
+    model = ResidualEditor(build_editor(name, splits.spec, TINY), splits, 1.0).eval()
     x = torch.rot90(load_digits("test")[0][:32, None], 1, dims=(-2, -1))
     x = x.expand(ws.batch_size, *x.shape)
     with torch.no_grad():
