@@ -64,7 +64,7 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .make_data import IMAGE_INR_DATASETS, ZOO_DATASETS
+    from .make_data import IMAGE_INR_DATASETS, IMAGE_SIZES
 
     root = argparse.ArgumentParser(prog="python -m tasks", description=__doc__.split("\n\n")[0])
     commands = root.add_subparsers(dest="command", required=True)
@@ -99,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
                                        "scale and training-set fraction; store checkpoints with their accuracy.")
     zoo.add_argument("--models", type=_positive_int, default=200, help="number of models (default 200)")
     zoo.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 4, 8], help="checkpoint epochs (default 1 2 4 8)")
-    zoo.add_argument("--dataset", default="fashion_mnist_8x8", choices=sorted(ZOO_DATASETS))
+    zoo.add_argument("--dataset", default="fashion_mnist_8x8", choices=sorted(IMAGE_SIZES))
     zoo.add_argument("--channels", type=_positive_int, nargs="+", default=[8, 8], help="conv widths (default 8 8)")
     zoo.add_argument("--train-size", type=_positive_int, default=2000, help="training pool size (default 2000)")
     zoo.add_argument("--test-size", type=_positive_int, help="test images (default: the whole test split)")

@@ -51,11 +51,11 @@ from .weight_data import (RECIPE_FILE, SPLITS, WeightDataError, WeightDataset, e
 __all__ = [
     "build_image_inrs", "build_sine_inrs", "build_classifier_zoo", "fit_sirens", "FitResult", "image_splits",
     "ImageSplits", "sine_signal", "network_for", "read_recipe", "derive_seed", "resolve_device", "RECIPE_FILE",
-    "IMAGE_INR_DATASETS", "ZOO_DATASETS", "evaluate_classifiers",
+    "IMAGE_INR_DATASETS", "IMAGE_SIZES", "evaluate_classifiers",
 ]
 
-IMAGE_INR_DATASETS = ("fashion_mnist", "fashion_mnist_8x8", "digits")
-ZOO_DATASETS = {"fashion_mnist": 28, "fashion_mnist_8x8": 8, "digits": 8}  # name -> image size
+IMAGE_SIZES = {"fashion_mnist": 28, "fashion_mnist_8x8": 8, "digits": 8}  # the image datasets read here -> side
+IMAGE_INR_DATASETS = tuple(IMAGE_SIZES)
 FASHION_VAL = 5000  # the last 5000 images of the Fashion-MNIST training file are the validation split
 DIGITS_VAL_FRACTION = 0.1
 
@@ -495,8 +495,8 @@ def build_classifier_zoo(out: str | Path, n_models: int = 200, epochs: Sequence[
     ``test_loss`` (on the first ``test_size`` test images, all by default), ``train_accuracy`` /
     ``train_loss`` (on the first ``train_eval`` examples of the model's own subset).
     """
-    if dataset not in ZOO_DATASETS:
-        raise ValueError(f"unknown zoo dataset {dataset!r}; known: {', '.join(ZOO_DATASETS)}")
+    if dataset not in IMAGE_SIZES:
+        raise ValueError(f"unknown zoo dataset {dataset!r}; known: {', '.join(IMAGE_SIZES)}")
     epochs = sorted(set(int(e) for e in epochs))
     if not epochs or epochs[0] < 0:
         raise ValueError(f"epochs must list checkpoint epochs >= 0, got {epochs}")
@@ -517,7 +517,7 @@ def build_classifier_zoo(out: str | Path, n_models: int = 200, epochs: Sequence[
     seed = _check_seed(seed)
     device = resolve_device(device)
 
-    network = cnn(ZOO_DATASETS[dataset], channels, NUM_CLASSES)  # fails early if the image is too small
+    network = cnn(IMAGE_SIZES[dataset], channels, NUM_CLASSES)  # fails early if the image is too small
     images, labels = load_images(dataset, "train", train_size, data_dir)
     if len(labels) < train_size:
         raise ValueError(f"train_size={train_size} but {dataset} has only {len(labels)} training images")
@@ -628,7 +628,7 @@ def _train_zoo_population(network: Network, hp: list[dict], data: tuple[Tensor, 
 
 @torch.no_grad()
 def evaluate_classifiers(network: Network, params: Params, images: Tensor, labels: Tensor, idx: Tensor,
-              chunk: int = 500) -> tuple[Tensor, Tensor]:
+                         chunk: int = 500) -> tuple[Tensor, Tensor]:
     """Accuracy and mean cross-entropy ``[P]`` of every member on ``images[idx]``: ``idx`` is ``[n]``
     (the same examples for all members) or ``[P, n]`` (each member its own); chunks bound memory."""
     P, n = network.check(params), idx.shape[-1]
@@ -658,5 +658,5 @@ def network_for(recipe: dict) -> Network:
     if builder == "sine_inrs":
         return siren(1, recipe["hidden"], 1, recipe["w0"])
     if builder == "classifier_zoo":
-        return cnn(ZOO_DATASETS[recipe["dataset"]], recipe["channels"], NUM_CLASSES)
+        return cnn(IMAGE_SIZES[recipe["dataset"]], recipe["channels"], NUM_CLASSES)
     raise ValueError(f"unknown dataset builder {builder!r} in recipe")

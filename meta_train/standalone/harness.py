@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from metaopt.models import DeepSets, FlatMLP, InvariantDWSNet, InvariantNFN, StatNN
 from metaopt.optim.checkpoint import atomic_write
 from metaopt.weight_space import WeightSpace, WeightSpaceSpec, random_hidden_perms
+from tasks.make_data import IMAGE_SIZES
 from tasks.weight_data import WeightDataset
 
 __all__ = ["MODELS", "DEFAULT_MODELS", "ModelConfig", "TrainConfig", "Normalizer", "Splits", "load_splits",
@@ -107,9 +108,6 @@ def load_splits(data: str | Path | WeightDataset, columns: Sequence[str], device
     spaces = {s: norm(p.weight_space(device=device, dtype=torch.float32)) for s, p in parts.items()}
     meta = {s: {c: p.meta[c] for c in p.meta} for s, p in parts.items()}
     return Splits(ds.spec, spaces["train"], spaces["val"], spaces["test"], meta, norm, dict(ds.info))
-
-
-IMAGE_SIZES = {"fashion_mnist": 28, "fashion_mnist_8x8": 8, "digits": 8}
 
 
 def recorded(splits: Splits, key: str):
