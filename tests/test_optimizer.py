@@ -306,6 +306,7 @@ def test_complex_parameters_are_refused_by_name():
     opt = MetaNetOptimizer(nn.Linear(2, 2).parameters())
     with pytest.raises(TypeError, match="complex128"):
         opt.add_param_group({"params": [nn.Parameter(torch.randn(3, dtype=torch.complex128))]})
+    assert len(opt.param_groups) == 1  # the refused group left nothing behind
 
 
 def test_learned_checkpoint_round_trip_and_errors(tmp_path):

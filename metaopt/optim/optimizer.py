@@ -92,12 +92,13 @@ class MetaNetOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        for i, p in enumerate(param_group["params"]):
-            if p.is_complex() or not p.is_floating_point():
-                # a cast to float32 would silently drop the imaginary part; say so instead
-                raise TypeError(f"MetaNetOptimizer: parameter {i} of a group has dtype {p.dtype}; it reads real "
-                                f"floating-point weights (for a complex tensor, optimize torch.view_as_real of it "
-                                f"as a real parameter)")
+        bad = [(i, p.dtype) for i, p in enumerate(self.param_groups[-1]["params"]) if not p.is_floating_point()]
+        if bad:  # complex: a cast to float32 would silently drop the imaginary part; say so instead
+            self.param_groups.pop()  # the optimizer stays as it was
+            i, dtype = bad[0]
+            raise TypeError(f"MetaNetOptimizer: parameter {i} of a group has dtype {dtype}; it reads real "
+                            f"floating-point weights (for a complex tensor, optimize torch.view_as_real of it "
+                            f"as a real parameter)")
         self._structure = None
 
     def _compiled_direction(self, device: torch.device):
