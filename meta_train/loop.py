@@ -130,13 +130,15 @@ def _warm_start(init: dict[str, Tensor], path: str, problem: MetaProblem) -> dic
         if not torch.isfinite(saved[k]).all():
             raise CheckpointError(f"init_from {path}: {k!r} has non-finite values")
     mine = getattr(getattr(problem, "opt", None), "config", None)
-    if "config" in metadata and hasattr(mine, "to_dict"):  # a learned-optimizer file says what it was made for
-        theirs = json.loads(metadata["config"])
-        differ = sorted(k for k, v in mine.to_dict().items() if k in theirs and theirs[k] != v
-                        and not (isinstance(v, tuple) and list(v) == theirs[k]))
+    if "config" in metadata and hasattr(mine, "from_dict"):  # a learned-optimizer file says what it was made for
+        try:
+            theirs = type(mine).from_dict(json.loads(metadata["config"]))
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"init_from {path}: bad learned-optimizer config ({e})") from e
+        differ = sorted(k for k, v in mine.to_dict().items() if getattr(theirs, k) != v)
         if differ:
             raise CheckpointError(f"init_from {path}: made for a learned optimizer with other settings ("
-                                  + ", ".join(f"{k}: file {theirs[k]!r} vs suite {getattr(mine, k)!r}"
+                                  + ", ".join(f"{k}: file {getattr(theirs, k)!r} vs suite {getattr(mine, k)!r}"
                                               for k in differ) + ")")
     return {k: saved[k].to(init[k].device, init[k].dtype) for k in init}
 
