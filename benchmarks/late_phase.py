@@ -1,0 +1,129 @@
+"""Which part of the learned update rule fails beyond the meta-training horizon: an ablation.
+
+    python benchmarks/late_phase.py [--steps 1000] [--seed 0] [--out DIR]
+
+The shipped default fits SIRENs to ~1e-7 within its horizon and then is thrown out of the basin
+(see docs/optimizer.md, "Known failure").  This trains the suite's SIRENs and a classifier for
+``--steps`` steps with the shipped rule, the same rule with parts of its metanetwork's output
+switched off, and ``torch.optim.Adam`` at the rule's base lr (its untrained self), with and
+without AMSGrad.  Every run sees the same init and batches.  Reported per task: the loss around
+step 100 (mean of steps 90-99) and at the end (mean of the last 100 steps); loss curves go to
+``curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+# the quality benchmark's suite (loaded by path: it also sets up the import path for `tasks`)
+_spec = importlib.util.spec_from_file_location(
+    "optimizer_quality", os.path.join(os.path.dirname(os.path.abspath(__file__)), "optimizer_quality.py"))
+quality = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quality)
+
+from metaopt import MetaNetOptimizer  # noqa: E402
+
+TASKS = ("digits SIREN 32x2", "sine SIREN 32x2", "digits CNN 8 relu")
+# metanetwork output columns (metaopt/optim/learned.py): 0-2 log-scales; 3 weight-gradient mix,
+# 4 weight-parameter mix, 5 bias-gradient mix, 6 bias-parameter mix
+VARIANTS = {
+    "shipped default": {},
+    "additive terms off (max_mix=0)": {"config": {"max_mix": 0.0}},
+    "parameter term off": {"zero": (4, 6)},
+    "gradient term off": {"zero": (3, 5)},
+    "Adam at the base lr": {"adam": False},
+    "Adam at the base lr, amsgrad": {"adam": True},
+}
+
+
+def make_optimizer(module: torch.nn.Module, variant: dict) -> torch.optim.Optimizer:
+    opt = MetaNetOptimizer(module.parameters())
+    if "adam" in variant:
+        return torch.optim.Adam(module.parameters(), lr=opt.defaults["lr"], amsgrad=variant["adam"])
+    if "config" in variant:
+        opt.learned.config = dataclasses.replace(opt.learned.config, **variant["config"])
+    if "zero" in variant:
+        def zero_columns(_module, _inputs, out, columns=list(variant["zero"])):
+            out = out.clone()
+            out[..., columns] = 0.0
+            return out
+        opt.learned.register_forward_hook(zero_columns)
+    return opt
+
+
+def run(task, variant: dict, steps: int, seed: int, progress: tqdm) -> np.ndarray:
+    module = task.module(task.init_params(seed))
+    opt = make_optimizer(module, variant)
+    generator = torch.Generator().manual_seed(seed)
+    losses = np.full(steps, np.nan)
+    for t in range(steps):
+        progress.update()
+        loss = task.module_loss(module, task.sample_batch(generator))
+        losses[t] = loss.item()
+        if not np.isfinite(losses[t]):
+            progress.update(steps - t - 1)
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return losses
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=1000, help="steps per run (default 1000: 10x the horizon)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="out/late_phase", help="folder for report.md and curves.png")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.steps < 200:
+        parser.error("--steps must be at least 200 (the report reads steps 90-99 and the last 100)")
+    torch.set_num_threads(args.threads)
+    specs = {name: (family, config) for name, _, family, config in quality.suite(quick=False)}
+    curves: dict[str, dict[str, np.ndarray]] = {}
+    with tqdm(total=len(TASKS) * len(VARIANTS) * args.steps, desc="training", unit="step", mininterval=1) as bar:
+        for name in TASKS:
+            family, config = specs[name]
+            task = family.make_task(config, args.seed)
+            curves[name] = {label: run(task, v, args.steps, args.seed, bar) for label, v in VARIANTS.items()}
+
+    def cell(c: np.ndarray) -> str:
+        return f"{np.nanmean(c[90:100]):.2g} / {np.nanmean(c[-100:]):.2g}"
+
+    header = "| variant | " + " | ".join(f"{n}: step 100 / final" for n in TASKS) + " |"
+    rows = [header, "|---" * (len(TASKS) + 1) + "|"]
+    rows += [f"| {label} | " + " | ".join(cell(curves[n][label]) for n in TASKS) + " |" for label in VARIANTS]
+    report = "\n".join([f"## Late phase: {args.steps} steps, seed {args.seed}", "",
+                        "Training loss: mean of steps 90-99 / mean of the last 100 steps (NaN: diverged).", "",
+                        *rows, "", "![loss curves](curves.png)", ""])
+    print("\n" + report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(report)
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 4))
+    for ax, name in zip(axes, TASKS):
+        for label, c in curves[name].items():
+            ax.semilogy(c, label=label, lw=1)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("training loss")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    print(f"wrote {out / 'report.md'}, {out / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main()

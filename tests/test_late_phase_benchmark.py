@@ -1,0 +1,39 @@
+"""benchmarks/late_phase.py: its ablations switch off what they say they switch off."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "late_phase.py"
+_spec = importlib.util.spec_from_file_location("late_phase", _PATH)
+lp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lp)
+
+
+def _one_step(variant: dict, steps: int = 3) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    opt = lp.make_optimizer(model, variant)
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _same(a, b) -> bool:
+    return all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(a, b))
+
+
+def test_every_output_off_is_adam_at_the_base_lr():
+    # the untrained rule is Adam: with every metanetwork output zeroed by the hook, so is this one
+    assert _same(_one_step({"zero": tuple(range(7))}), _one_step(lp.VARIANTS["Adam at the base lr"]))
+
+
+def test_ablations_change_the_shipped_update():
+    shipped = _one_step(lp.VARIANTS["shipped default"])
+    for label in ("additive terms off (max_mix=0)", "parameter term off", "gradient term off"):
+        assert not _same(_one_step(lp.VARIANTS[label]), shipped), label
+    assert not _same(_one_step(lp.VARIANTS["Adam at the base lr, amsgrad"]), shipped)
