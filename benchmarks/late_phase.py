@@ -64,20 +64,8 @@ def make_optimizer(module: torch.nn.Module, variant: dict) -> torch.optim.Optimi
 
 
 def run(task, variant: dict, steps: int, seed: int, progress: tqdm) -> np.ndarray:
-    module = task.module(task.init_params(seed))
-    opt = make_optimizer(module, variant)
-    generator = torch.Generator().manual_seed(seed)
-    losses = np.full(steps, np.nan)
-    for t in range(steps):
-        progress.update()
-        loss = task.module_loss(module, task.sample_batch(generator))
-        losses[t] = loss.item()
-        if not np.isfinite(losses[t]):
-            progress.update(steps - t - 1)
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    losses, _ = quality.train_learned(task, seed, "", steps, (), progress,
+                                      make_optimizer=lambda module: make_optimizer(module, variant))
     return losses
 
 

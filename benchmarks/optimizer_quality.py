@@ -90,14 +90,16 @@ def suite(quick: bool) -> list[tuple[str, str, tasks.TaskFamily, dict]]:
 
 
 def train_learned(task: tasks.Task, seed: int, learned: str, steps: int, evaluate_after: tuple[int, ...],
-                  progress: tqdm) -> tuple[np.ndarray, dict[int, dict[str, float]]]:
+                  progress: tqdm, make_optimizer=None) -> tuple[np.ndarray, dict[int, dict[str, float]]]:
     """MetaNetOptimizer on the task's ``nn.Module``: the loss of every step, metrics after ``evaluate_after`` steps.
+
+    ``make_optimizer(module)`` replaces the optimizer (``benchmarks/late_phase.py``'s ablations).
 
     This is ``tasks.train`` plus the metrics (``train`` does not hand back the trained module).  A
     non-finite loss ends the run: the rest of the curve is NaN, later metrics score the diverged model.
     """
     module = task.module(task.init_params(seed))
-    optimizer = MetaNetOptimizer(module.parameters(), learned=learned)
+    optimizer = (make_optimizer or (lambda m: MetaNetOptimizer(m.parameters(), learned=learned)))(module)
     generator = torch.Generator().manual_seed(seed)
     losses, metrics = np.full(steps, np.nan), {}
 
