@@ -64,8 +64,8 @@ def make_optimizer(module: torch.nn.Module, variant: dict) -> torch.optim.Optimi
 
 
 def run(task, variant: dict, steps: int, seed: int, progress: tqdm) -> np.ndarray:
-    losses, _ = quality.train_learned(task, seed, "", steps, (), progress,
-                                      make_optimizer=lambda module: make_optimizer(module, variant))
+    losses, _ = quality.train_module(task, seed, lambda module: make_optimizer(module, variant), steps, (),
+                                     progress)
     return losses
 
 

@@ -38,6 +38,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 # This folder holds benchmarks/tasks.py; drop it from the import path so that `import tasks`
 # finds the package (repository root) rather than that script.
@@ -89,17 +90,17 @@ def suite(quick: bool) -> list[tuple[str, str, tasks.TaskFamily, dict]]:
     return [every[i] for i in (1, 2, 4, 5, 8)] if quick else every  # quick: MLP, CNN, SIREN; 2 held out
 
 
-def train_learned(task: tasks.Task, seed: int, learned: str, steps: int, evaluate_after: tuple[int, ...],
-                  progress: tqdm, make_optimizer=None) -> tuple[np.ndarray, dict[int, dict[str, float]]]:
-    """MetaNetOptimizer on the task's ``nn.Module``: the loss of every step, metrics after ``evaluate_after`` steps.
-
-    ``make_optimizer(module)`` replaces the optimizer (``benchmarks/late_phase.py``'s ablations).
+def train_module(task: tasks.Task, seed: int, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+                 steps: int, evaluate_after: tuple[int, ...], progress: tqdm
+                 ) -> tuple[np.ndarray, dict[int, dict[str, float]]]:
+    """The task's ``nn.Module`` trained by ``make_optimizer(module)`` (here MetaNetOptimizer; in
+    ``late_phase.py`` its ablations): the loss of every step, metrics after ``evaluate_after`` steps.
 
     This is ``tasks.train`` plus the metrics (``train`` does not hand back the trained module).  A
     non-finite loss ends the run: the rest of the curve is NaN, later metrics score the diverged model.
     """
     module = task.module(task.init_params(seed))
-    optimizer = (make_optimizer or (lambda m: MetaNetOptimizer(m.parameters(), learned=learned)))(module)
+    optimizer = make_optimizer(module)
     generator = torch.Generator().manual_seed(seed)
     losses, metrics = np.full(steps, np.nan), {}
 
@@ -127,7 +128,7 @@ def train_adam_grid(seed_tasks: list[tasks.Task], steps: int, evaluate_after: tu
 
     Member (lr, s) has its own leaf tensors in its lr's param group, so each is trained exactly as
     ``torch.optim.Adam`` would train it alone, from seed s's init on seed s's batches (those of
-    :func:`train_learned`).  Returns losses ``[lrs, seeds, steps]`` and metrics ``[lrs, seeds]``.
+    :func:`train_module`).  Returns losses ``[lrs, seeds, steps]`` and metrics ``[lrs, seeds]``.
     """
     S, L = len(seed_tasks), len(ADAM_LR_GRID)
     population = tasks.Population(seed_tasks * L)
@@ -190,7 +191,8 @@ def benchmark(spec, seeds: int, horizon: int, learned: str, progress: tqdm) -> d
     steps, horizons = LONG * horizon, (horizon, LONG * horizon)
     seed_tasks = [family.make_task(config, s) for s in range(seeds)]
     progress.set_postfix_str(name)
-    runs = [train_learned(task, s, learned, steps, horizons, progress) for s, task in enumerate(seed_tasks)]
+    runs = [train_module(task, s, lambda m: MetaNetOptimizer(m.parameters(), learned=learned), steps, horizons,
+                         progress) for s, task in enumerate(seed_tasks)]
     curves = {"learned": np.stack([c for c, _ in runs])}
     metrics = {"learned": {h: [m[h] for _, m in runs] for h in horizons}}
     adam_curves, adam_metrics = train_adam_grid(seed_tasks, steps, horizons, progress)
