@@ -287,7 +287,8 @@ def run_adapt(data: str | Path | WeightDataset, out: str | Path, models: Sequenc
         raise StandaloneError(f"no metadata column {group_by!r} to group by; the zoo has {sorted(splits.meta['test'])}")
     network.template.to(device)
     images = load_target_images(dataset, shift_fn, val_images, test_images, images_dir, device)
-    unadapted_test = classifier_params(splits.normalizer.inverse(splits.test))
+    raw_test = splits.normalizer.inverse(splits.test)
+    unadapted_test = classifier_params(raw_test)
     before, before_loss = accuracy(network, unadapted_test, images.test, images.test_labels)
     source = accuracy(network, unadapted_test, images.source_test, images.test_labels)[0]
 
@@ -330,7 +331,7 @@ def run_adapt(data: str | Path | WeightDataset, out: str | Path, models: Sequenc
     references = [row("unadapted", unadapted_test, kind="reference",
                       description="the input networks, unchanged")[0]]
     if finetune_steps:
-        tuned = finetune(network, splits.normalizer.inverse(splits.test), images.train, images.train_labels,
+        tuned = finetune(network, raw_test, images.train, images.train_labels,
                          finetune_steps, finetune_lr, image_batch, train_cfg.seed)
         r, after[f"fine-tune {finetune_steps}"] = row(f"fine-tune {finetune_steps} steps", tuned, kind="reference",
                                                       description=f"each test network trained alone with Adam "
