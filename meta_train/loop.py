@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from metaopt.optim.checkpoint import CheckpointError as LearnedFileError, check_meta_tensors
+
 from .checkpoint import (CheckpointDir, CheckpointError, atomic_write, capture_rng, decode_tree, encode_tree,
                          read_tensor_file, restore_rng, write_tensor_file)
 from .config import RESUMABLE_OVERRIDES, Config
@@ -120,15 +122,10 @@ def _warm_start(init: dict[str, Tensor], path: str, problem: MetaProblem) -> dic
             saved, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"init_from {path}: cannot read it as safetensors ({e})") from e
-    if sorted(saved) != sorted(init):
-        raise CheckpointError(f"init_from {path}: holds {sorted(saved)}, the problem's metanetwork has "
-                              f"{sorted(init)}")
-    for k, v in init.items():
-        if saved[k].shape != v.shape:
-            raise CheckpointError(f"init_from {path}: {k!r} has shape {list(saved[k].shape)}, the problem's "
-                                  f"has {list(v.shape)}")
-        if not torch.isfinite(saved[k]).all():
-            raise CheckpointError(f"init_from {path}: {k!r} has non-finite values")
+    try:  # the same checks as loading a learned optimizer; raised as this package's CheckpointError
+        check_meta_tensors(init, saved, f"init_from {path}")
+    except LearnedFileError as e:
+        raise CheckpointError(str(e)) from None
     mine = getattr(getattr(problem, "opt", None), "config", None)
     if "config" in metadata and hasattr(mine, "from_dict"):  # a learned-optimizer file says what it was made for
         try:

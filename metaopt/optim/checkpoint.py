@@ -98,12 +98,12 @@ def load_learned(path: str | os.PathLike = DEFAULT_PATH, map_location: str | tor
     return learned
 
 
-def load_meta_state(learned: LearnedOptimizer, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy meta-parameters in, naming any missing, unexpected or wrongly shaped tensor."""
-    expected = learned.state_dict()
+def check_meta_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Saved meta-parameters must have ``expected``'s names and shapes and be finite; the error names
+    the first that is not (used on loading a learned optimizer and on warm-starting meta-training)."""
     missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or unexpected:
-        raise CheckpointError(f"{source}: tensors do not match the config (missing {sorted(missing)}, "
+        raise CheckpointError(f"{source}: holds tensors that do not match the config (missing {sorted(missing)}, "
                               f"unexpected {sorted(unexpected)})")
     for k, v in tensors.items():
         if v.shape != expected[k].shape:
@@ -111,4 +111,9 @@ def load_meta_state(learned: LearnedOptimizer, tensors: dict[str, torch.Tensor],
                                   f"config needs {tuple(expected[k].shape)}")
         if not torch.isfinite(v).all():
             raise CheckpointError(f"{source}: {k} has non-finite values")
+
+
+def load_meta_state(learned: LearnedOptimizer, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy meta-parameters in, naming any missing, unexpected or wrongly shaped tensor."""
+    check_meta_tensors(learned.state_dict(), tensors, source)
     learned.load_state_dict(tensors)
