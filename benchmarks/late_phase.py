@@ -14,7 +14,6 @@ step 100 (mean of steps 90-99) and at the end (mean of the last 100 steps); loss
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import os
 from pathlib import Path
@@ -53,7 +52,7 @@ def make_optimizer(module: torch.nn.Module, variant: dict) -> torch.optim.Optimi
     if "adam" in variant:
         return torch.optim.Adam(module.parameters(), lr=opt.defaults["lr"], amsgrad=variant["adam"])
     if "config" in variant:
-        opt.learned.config = dataclasses.replace(opt.learned.config, **variant["config"])
+        opt.learned = opt.learned.with_config(**variant["config"])
     if "zero" in variant:
         def zero_columns(_module, _inputs, out, columns=list(variant["zero"])):
             out = out.clone()

@@ -1,12 +1,15 @@
 """Overhead of MetaNetOptimizer against torch.optim.Adam, measured in the same run.
 
-    python benchmarks/optimizer_overhead.py [--reps 30] [--device cpu|cuda]
+    python benchmarks/optimizer_overhead.py [--reps 30] [--device cpu|cuda] [--learned FILE] [--refresh-every K]
 
 For each model: the whole training iteration (zero_grad, forward, backward, step on a batch of
 128) and the optimizer step alone, medians over interleaved repetitions (Adam, ours, Adam, ...),
-reported as ours / Adam. Goals: whole iteration <= 1.5x Adam on CPU for 100k+ parameter models,
+reported as ours / Adam. A repetition is as many iterations as the metanetwork's refresh period
+(``refresh_every``), timed as a mean, so every number includes the amortised metanetwork cost. Goals: whole iteration <= 1.5x Adam on CPU for 100k+ parameter models,
 <= 1.2x on GPU for 10M+. ``--compile`` measures ``MetaNetOptimizer(compile=True)`` (its first step
-compiles, tens of seconds on a small CPU; the warm-up iterations absorb that).
+compiles, tens of seconds on a small CPU; the warm-up iterations absorb that). The learned optimizer
+is the shipped default (what ``MetaNetOptimizer(params)`` runs) unless ``--learned`` names another;
+``--refresh-every K`` overrides how often its metanetwork runs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch.nn import functional as F
 
 from metaopt import LearnedOptimizer, MetaNetOptimizer
 from metaopt.cpu import tune_malloc
+from metaopt.optim import DEFAULT_PATH, load_learned
 
 
 def mlp(*sizes):
@@ -45,23 +49,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def learned_for_benchmark():
-    """A metanetwork with non-zero weights, so no work is skipped (the shipped default may be used too)."""
-    torch.manual_seed(0)
-    learned = LearnedOptimizer()
-    with torch.no_grad():
-        for p in learned.parameters():
-            p.normal_(0, 0.1)
-    return learned
+def learned_for_benchmark(path=DEFAULT_PATH, refresh_every=None) -> LearnedOptimizer:
+    learned = load_learned(path)
+    return learned if refresh_every is None else learned.with_config(refresh_every=refresh_every)
 
 
-def measure(name, device, reps, batch, compile=False):
+def measure(name, device, reps, batch, learned, compile=False):
     make, in_shape = MODELS[name]
     torch.manual_seed(0)
     nets = {"adam": make().to(device), "ours": make().to(device)}
     opts = {"adam": torch.optim.Adam(nets["adam"].parameters(), lr=1e-3),
-            "ours": MetaNetOptimizer(nets["ours"].parameters(), lr=1e-3, learned=learned_for_benchmark(),
-                                     compile=compile)}
+            "ours": MetaNetOptimizer(nets["ours"].parameters(), lr=1e-3, learned=learned, compile=compile)}
     x = torch.randn(batch, *in_shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     whole, step_only = {k: [] for k in nets}, {k: [] for k in nets}
@@ -75,15 +73,19 @@ def measure(name, device, reps, batch, compile=False):
         sync(device)
         return time.perf_counter() - t0
 
+    # a block is one refresh period: the metanetwork runs once per block, so block means are the
+    # amortised cost (a median of single iterations would pick the cheap steps between refreshes)
+    block = learned.config.refresh_every
     for _ in range(3):
         for k in nets:
-            iteration(k)
+            for _ in range(block):
+                iteration(k)
     for _ in range(reps):
         for k in nets:
             sync(device)
             t0 = time.perf_counter()
-            step_only[k].append(iteration(k))
-            whole[k].append(time.perf_counter() - t0)
+            step_only[k].append(sum(iteration(k) for _ in range(block)) / block)
+            whole[k].append((time.perf_counter() - t0) / block)
     med = lambda xs: statistics.median(xs) * 1e3
     params = sum(p.numel() for p in nets["ours"].parameters())
     return params, med(whole["adam"]), med(whole["ours"]), med(step_only["adam"]), med(step_only["ours"])
@@ -97,20 +99,25 @@ def main():
     ap.add_argument("--models", nargs="+", default=None, help="substrings of model names to run")
     ap.add_argument("--compile", action="store_true",
                     help="MetaNetOptimizer(compile=True); the warm-up absorbs the compilation")
+    ap.add_argument("--learned", default=DEFAULT_PATH, help="learned optimizer file (default: the shipped one)")
+    ap.add_argument("--refresh-every", type=int, default=None,
+                    help="run the metanetwork every K steps (default: the file's config)")
     args = ap.parse_args()
+    learned = learned_for_benchmark(args.learned, args.refresh_every)
     device = torch.device(args.device)
     names = [n for n in MODELS if args.models is None or any(m in n for m in args.models)]
     if device.type == "cpu" and args.models is None:
         names = [n for n in names if "10M" not in n]  # the 10M model is the GPU goal
     tuned = tune_malloc()
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} reps={args.reps} "
-          f"torch={torch.__version__} malloc_tuned={tuned} compile={args.compile}")
+          f"torch={torch.__version__} malloc_tuned={tuned} compile={args.compile} "
+          f"max_mix={learned.config.max_mix} refresh_every={learned.config.refresh_every}")
     header = f"{'model':<28} {'params':>10} {'iter Adam ms':>12} {'iter ours ms':>12} {'iter ratio':>10} " \
              f"{'step Adam ms':>12} {'step ours ms':>12} {'step ratio':>10}"
     print(header)
     print("-" * len(header))
     for name in names:
-        n, wa, wo, sa, so = measure(name, device, args.reps, args.batch, args.compile)
+        n, wa, wo, sa, so = measure(name, device, args.reps, args.batch, learned, args.compile)
         print(f"{name:<28} {n:>10,} {wa:>12.2f} {wo:>12.2f} {wo / wa:>9.2f}x {sa:>12.2f} {so:>12.2f} {so / sa:>9.2f}x")
 
 

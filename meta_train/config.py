@@ -71,6 +71,10 @@ class Config:
                               "(empty: uniform)")
     augment_scale: float = _f(0.0, "task augmentation: rescale task parameters by a log-uniform factor "
                               "in [1/a, a] (0 disables)")
+    # the learned rule (suites that train metaopt's LearnedOptimizer: small, large)
+    max_mix: float = _f(0.5, "bound of the rule's additive gradient and parameter terms; 0 leaves only "
+                        "per-neuron scales of Adam's direction")
+    refresh_every: int = _f(1, "run the metanetwork every N inner steps, reusing its outputs in between")
     # outer optimizer
     outer_lr: float = _f(1e-3, "Adam learning rate for the meta-parameters")
     outer_betas: list = _f([0.9, 0.999], "Adam betas for the meta-parameters")
@@ -96,8 +100,8 @@ class Config:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"config field {f.name!r} = {getattr(self, f.name)!r}; choose from {list(choices)}")
-        positive = ("outer_steps", "num_groups", "tasks_per_group", "truncation_length", "min_horizon",
-                    "log_every", "checkpoint_every", "keep_checkpoints", "eval_tasks", "eval_steps")
+        positive = ("outer_steps", "refresh_every", "num_groups", "tasks_per_group", "truncation_length",
+                    "min_horizon", "log_every", "checkpoint_every", "keep_checkpoints", "eval_tasks", "eval_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
@@ -105,8 +109,8 @@ class Config:
             raise ConfigError(f"max_horizon ({self.max_horizon}) < min_horizon ({self.min_horizon})")
         if not (self.sigma > 0 and math.isfinite(self.sigma)):
             raise ConfigError(f"sigma must be a positive number, got {self.sigma}")
-        if self.clip_grad_norm < 0 or self.eval_every < 0 or self.augment_scale < 0:
-            raise ConfigError("clip_grad_norm, eval_every and augment_scale must be >= 0")
+        if self.clip_grad_norm < 0 or self.eval_every < 0 or self.augment_scale < 0 or not self.max_mix >= 0:
+            raise ConfigError("clip_grad_norm, eval_every, augment_scale and max_mix must be >= 0")
         if self.augment_scale and self.augment_scale < 1:
             raise ConfigError(f"augment_scale is a factor >= 1 (or 0 to disable), got {self.augment_scale}")
         if any(not (w >= 0 and math.isfinite(w)) for w in self.family_weights) or \

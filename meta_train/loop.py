@@ -114,6 +114,11 @@ class _StopFlag:
                 signal.signal(s, h)
 
 
+# learned-optimizer settings a fine-tune may change: how the rule uses the metanetwork's outputs
+# (how often it runs, how far the additive terms reach), not what the meta-parameters mean
+RETUNABLE = frozenset({"refresh_every", "max_mix"})
+
+
 def _warm_start(init: dict[str, Tensor], path: str, problem: MetaProblem) -> dict[str, Tensor]:
     """The meta-parameters saved in ``path``, checked against the problem's names, shapes and config."""
     from safetensors import SafetensorError, safe_open
@@ -132,7 +137,7 @@ def _warm_start(init: dict[str, Tensor], path: str, problem: MetaProblem) -> dic
             theirs = type(mine).from_dict(json.loads(metadata["config"]))
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"init_from {path}: bad learned-optimizer config ({e})") from e
-        differ = sorted(k for k, v in mine.to_dict().items() if getattr(theirs, k) != v)
+        differ = sorted(k for k, v in mine.to_dict().items() if getattr(theirs, k) != v and k not in RETUNABLE)
         if differ:
             raise CheckpointError(f"init_from {path}: made for a learned optimizer with other settings ("
                                   + ", ".join(f"{k}: file {getattr(theirs, k)!r} vs suite {getattr(mine, k)!r}"

@@ -72,6 +72,12 @@ def problem_options(config: Config, device: torch.device) -> dict[str, Any]:
             "weights": config.family_weights or None}
 
 
+def learned_optimizer(config: Config, lr: float):
+    """The suites' metaopt LearnedOptimizer: the suite's base lr, the rule options of the run's config."""
+    from metaopt.optim import LearnedOptimizer, LearnedOptimizerConfig
+    return LearnedOptimizer(LearnedOptimizerConfig(lr=lr, max_mix=config.max_mix, refresh_every=config.refresh_every))
+
+
 def _tiny(config: Config, device: torch.device) -> MetaProblem:
     from .toy import LearnedMomentumSGD, NoisyLinearRegression
     family = NoisyLinearRegression(dim=8, batch_size=16, noise=0.1, max_condition=10.0, device=device)
@@ -89,7 +95,7 @@ register_suite(Suite(
 def _small(config: Config, device: torch.device) -> MetaProblem:
     try:
         import tasks
-        from metaopt.optim import LearnedOptimizer, LearnedOptimizerConfig
+        import metaopt.optim  # noqa: F401
     except ImportError as e:  # pragma: no cover - both ship with this repository
         raise SuiteUnavailable(f"suite 'small' needs tasks/ and metaopt.optim: {e}") from e
     families = [
@@ -97,7 +103,7 @@ def _small(config: Config, device: torch.device) -> MetaProblem:
                                batch_size=32, train_size=512, test_size=200),
         tasks.INRFamily(dataset="digits", widths=(16, 32), depths=(1, 2), images=500),
     ]
-    opt = LearnedOptimizer(LearnedOptimizerConfig(lr=SMALL_BASE_LR))
+    opt = learned_optimizer(config, SMALL_BASE_LR)
     return LearnedOptimizerProblem(opt, families,
                                    val_key={"classify": "test_loss", "inr": "mse"},
                                    **problem_options(config, device))
@@ -114,7 +120,6 @@ register_suite(Suite(
                       "eval_steps": 300, "eval_every": 0, "checkpoint_every": 100}))
 def _large(config: Config, device: torch.device) -> MetaProblem:
     import tasks
-    from metaopt.optim import LearnedOptimizer, LearnedOptimizerConfig
     from tasks.data import FASHION_MNIST_DIR
 
     try:
@@ -129,7 +134,7 @@ def _large(config: Config, device: torch.device) -> MetaProblem:
         tasks.RLFamily(envs=("CartPole-v1", "Acrobot-v1", "Pendulum-v1"), widths=(32,), depths=(1, 2),
                        episodes=16, horizon=200, eval_episodes=8, eval_steps=200),
     ]
-    opt = LearnedOptimizer(LearnedOptimizerConfig(lr=LARGE_BASE_LR))
+    opt = learned_optimizer(config, LARGE_BASE_LR)
     # RL's training loss is a policy-gradient surrogate, not a measure of progress: the meta-loss
     # is each family's validation metric (test loss, fit error, negative evaluation return)
     return LearnedOptimizerProblem(opt, families,

@@ -8,13 +8,13 @@ from torch.nn import functional as F
 
 from _archs import ARCHS, INPUT_SHAPES, mlp
 from metaopt import LearnedOptimizer, MetaNetOptimizer, WeightSpace, random_hidden_perms
-from metaopt.optim import CheckpointError, load_learned, save_learned
+from metaopt.optim import CheckpointError, LearnedOptimizerConfig, load_learned, save_learned
 
 
-def random_learned(seed=0, scale=0.3):
+def random_learned(seed=0, scale=0.3, **config):
     """A metanetwork far from zero, so the learned part really acts."""
     torch.manual_seed(seed)
-    learned = LearnedOptimizer()
+    learned = LearnedOptimizer(LearnedOptimizerConfig(**config))
     with torch.no_grad():
         for p in learned.parameters():
             p.normal_(0, scale)
@@ -65,20 +65,21 @@ def test_trained_metanetwork_changes_the_update():
     assert max((a - b).abs().max().item() for a, b in zip(net.parameters(), ref.parameters())) > 1e-3
 
 
-def test_functional_core_matches_the_optimizer():
+@pytest.mark.parametrize("refresh_every", [1, 3])
+def test_functional_core_matches_the_optimizer(refresh_every):
     torch.manual_seed(0)
     net = ARCHS["cnn2d_flatten"]()
     params0 = [p.detach().clone() for p in net.parameters()]
     x, y = data("cnn2d_flatten")
-    learned = random_learned()
+    learned = random_learned(refresh_every=refresh_every)
     opt = MetaNetOptimizer(net.parameters(), lr=3e-3, weight_decay=0.1, learned=learned)
-    train(net, opt, 4, x, y)
+    train(net, opt, 5, x, y)
 
     params = [p[None] for p in params0]
     state = learned.init(params)
     meta = dict(learned.named_parameters())
     functional = copy.deepcopy(net)
-    for step in range(1, 5):
+    for step in range(1, 6):
         grads = torch.func.grad(lambda ps: loss_fn_call(functional, net, ps, x, y))(params)
         params, state = learned.update(meta, params, grads, state, step, lr=3e-3, weight_decay=0.1)
     # the shell updates moments with foreach kernels, the core with lerp: float32 rounding differs
@@ -110,15 +111,17 @@ def loss_fn_call(module, named_from, params, x, y):
     return ((out.mean(-1, keepdim=True) - y) ** 2).mean()
 
 
-@pytest.mark.parametrize("name", ["mlp3", "mlp5", "cnn2d_flatten", "cnn2d_gap"])
-def test_update_is_equivariant_to_hidden_permutations(name):
+@pytest.mark.parametrize("name,refresh_every", [("mlp3", 1), ("mlp5", 1), ("cnn2d_flatten", 1), ("cnn2d_gap", 1),
+                                                ("mlp5", 2), ("cnn2d_flatten", 2)])
+def test_update_is_equivariant_to_hidden_permutations(name, refresh_every):
+    # with refresh_every=2, step 2 reuses step 1's coefficients: the cache must be permuted with the model
     torch.manual_seed(0)
     net = ARCHS[name]()
     ws = WeightSpace.from_modules(net)
     perms = random_hidden_perms(ws.spec, torch.Generator().manual_seed(1))
     permuted = ws.permute_hidden(perms).to_modules(net)[0]
     x, y = data(name)
-    learned = random_learned()
+    learned = random_learned(refresh_every=refresh_every)
     train(net, MetaNetOptimizer(net.parameters(), lr=1e-2, learned=learned, module=net), 3, x, y)
     train(permuted, MetaNetOptimizer(permuted.parameters(), lr=1e-2, learned=learned, module=permuted), 3, x, y)
     expected = WeightSpace.from_modules(net).permute_hidden(perms)
@@ -191,13 +194,15 @@ def test_lr_scheduler_drives_the_step_size():
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), before))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_resume_is_bit_exact(dtype, tmp_path):
+@pytest.mark.parametrize("dtype,refresh_every", [(torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 2),
+                                                 (torch.bfloat16, 2)])
+def test_resume_is_bit_exact(dtype, refresh_every, tmp_path):
+    # refresh_every=2: the checkpoint falls after step 3, so step 4 must reuse the saved coefficients
     torch.manual_seed(0)
     net = mlp(4, 7, 3, 2).to(dtype)
     x, y = data()
     x, y = x.to(dtype), y.to(dtype)
-    learned = random_learned()
+    learned = random_learned(refresh_every=refresh_every)
     opt = MetaNetOptimizer(net.parameters(), lr=1e-2, learned=learned)
     train(net, opt, 3, x, y)
     torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
@@ -347,6 +352,44 @@ def test_optimizer_state_with_wrong_shapes_is_rejected():
         opt_b.load_state_dict(opt_a.state_dict())
 
 
+def test_refresh_every_reuses_the_coefficients_in_between():
+    torch.manual_seed(0)
+    nets = [mlp(4, 7, 3, 2) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x, y = data()
+    every_step = MetaNetOptimizer(nets[0].parameters(), lr=1e-2, learned=random_learned())
+    every_third = MetaNetOptimizer(nets[1].parameters(), lr=1e-2, learned=random_learned(), refresh_every=3)
+    outputs, differ = [], []
+    for _ in range(4):
+        train(nets[0], every_step, 1, x, y)
+        train(nets[1], every_third, 1, x, y)
+        outputs.append(every_third.state[nets[1][0].weight]["neuron_coefficients"].clone())
+        differ.append(max((a - b).abs().max().item() for a, b in zip(*(n.parameters() for n in nets))))
+    assert differ[0] == 0  # step 1 runs the metanetwork in both
+    assert differ[1] > 1e-6  # step 2 reuses step 1's coefficients: a different update
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[1], outputs[2])
+    assert not torch.equal(outputs[2], outputs[3])  # step 4 refreshes
+    assert "neuron_coefficients" not in every_step.state[nets[0][0].weight]
+
+
+def test_refresh_every_is_checked():
+    with pytest.raises(ValueError, match="refresh_every"):
+        LearnedOptimizerConfig(refresh_every=0)
+
+
+def test_saved_coefficients_of_the_wrong_size_are_rejected():
+    a = mlp(3, 5, 2)
+    learned = random_learned(refresh_every=2)
+    opt_a = MetaNetOptimizer(a.parameters(), learned=learned)
+    train(a, opt_a, 1, torch.randn(4, 3), torch.randn(4, 1))
+    state = opt_a.state_dict()
+    state["state"][0]["neuron_coefficients"] = state["state"][0]["neuron_coefficients"][:, :-1]
+    opt_a2 = MetaNetOptimizer(a.parameters(), learned=learned)
+    with pytest.raises(CheckpointError, match="neuron_coefficients has shape"):
+        opt_a2.load_state_dict(state)
+    assert not opt_a2.state  # nothing half-loaded
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     torch.manual_seed(0)
@@ -361,13 +404,14 @@ def test_cuda_matches_cpu():
 
 
 @pytest.mark.slow
-def test_compiled_step_matches_eager():
+@pytest.mark.parametrize("refresh_every", [1, 2])
+def test_compiled_step_matches_eager(refresh_every):
     # compile=True fuses the moment update and the metanetwork; same trajectory, fewer kernels
     torch.manual_seed(0)
     nets = [mlp(4, 7, 3, 2) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
     x, y = data()
-    learned = random_learned()
+    learned = random_learned(refresh_every=refresh_every)
     eager = MetaNetOptimizer(nets[0].parameters(), lr=1e-2, learned=copy.deepcopy(learned))
     compiled = MetaNetOptimizer(nets[1].parameters(), lr=1e-2, learned=copy.deepcopy(learned), compile=True)
     train(nets[0], eager, 4, x, y)

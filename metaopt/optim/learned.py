@@ -18,6 +18,7 @@ permutations of any neuron set, and it costs a few elementwise passes over the p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Sequence
@@ -54,6 +55,14 @@ class LearnedOptimizerConfig:
     max_log_scale: float = 2.0  # per-neuron step-size multipliers stay within exp(+-2)
     max_mix: float = 0.5  # additive gradient/parameter terms stay within +-0.5 per normalised unit
     time_scales: tuple[float, ...] = (10.0, 100.0, 1000.0)
+    # the metanetwork runs at steps 1, 1 + k, 1 + 2k, ... and its per-neuron outputs are reused in
+    # between: its cost and that of the neuron statistics, fixed per step whatever the model's size,
+    # amortised over k steps (Shampoo and K-FAC refresh their preconditioners the same way)
+    refresh_every: int = 1
+
+    def __post_init__(self):
+        if not (isinstance(self.refresh_every, int) and self.refresh_every >= 1):
+            raise ValueError(f"refresh_every must be an integer >= 1, got {self.refresh_every!r}")
 
     @property
     def in_features(self) -> int:
@@ -98,16 +107,17 @@ def _row_col_means(quantities: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
             torch.stack([q.sum((1, 3)) for q in quantities], -1) * (1 / (o * k)))
 
 
-def _stat_layout(structure: Structure, device) -> tuple[dict[int, int], Tensor, Tensor]:
+def _stat_layout(structure: Structure, device) -> tuple[dict[int, int], Tensor, Tensor, Tensor]:
     """Constant tensors to normalise all statistics at once (see ``LearnedOptimizer.direction``).
 
     Stat tensors are numbered in chain order: each layer's weight, then its bias. Returns
     ``stat_of`` (parameter index -> that number), ``tensor_average`` [T, R], averaging the
     concatenated per-row stats (R rows) of each tensor, and ``norm_index`` [N, 3 * NUM_STATS], for
     each neuron's (incoming, bias, outgoing) features the column of the flattened [T, NUM_STATS]
-    normalisers to multiply by (``5T`` = absent, zero).
+    normalisers to multiply by (``5T`` = absent, zero), and ``row_tensors`` [N, 2], the stat numbers of
+    the weight and the bias that write each neuron (``T`` = none: input neurons, bias-free layers).
     """
-    stat_of, row_sizes, per_neuron = {}, [], []
+    stat_of, row_sizes, per_neuron, writers = {}, [], [], []
     for chain in structure.chains:
         for layer in chain.layers:
             for index in (layer.weight, layer.bias):
@@ -121,6 +131,7 @@ def _stat_layout(structure: Structure, device) -> tuple[dict[int, int], Tensor, 
                        weight_ids[j] if j < len(chain.layers) else None)
             columns = [-1 if t is None else t * NUM_STATS + f for t in sources for f in range(NUM_STATS)]
             per_neuron.append(torch.tensor(columns).expand(n, -1))
+            writers.append(torch.tensor([-1 if t is None else t for t in sources[:2]]).expand(n, -1))
     T = len(row_sizes)
     columns = torch.cat(per_neuron)
     columns = columns.where(columns >= 0, T * NUM_STATS)
@@ -129,7 +140,8 @@ def _stat_layout(structure: Structure, device) -> tuple[dict[int, int], Tensor, 
     for t, n in enumerate(row_sizes):
         average[t, start:start + n] = 1.0 / max(n, 1)  # a zero-element tensor has no rows to average
         start += n
-    return stat_of, average.to(device), columns.to(device)
+    writers = torch.cat(writers)
+    return stat_of, average.to(device), columns.to(device), writers.where(writers >= 0, T).to(device)
 
 
 class LearnedOptimizer(nn.Module):
@@ -145,6 +157,12 @@ class LearnedOptimizer(nn.Module):
                 p.zero_()
         self._structures: dict = {}
         self._graphs: dict = {}
+
+    def with_config(self, **changes) -> "LearnedOptimizer":
+        """The same meta-parameters under other settings (``refresh_every=4``, ...): a new module."""
+        other = LearnedOptimizer(dataclasses.replace(self.config, **changes))
+        other.load_state_dict(self.state_dict())
+        return other.requires_grad_(next(self.parameters()).requires_grad)
 
     # ------------------------------------------------------------------ metanetwork
     def forward(self, x: Tensor, graph: NeuronGraph) -> Tensor:
@@ -168,7 +186,7 @@ class LearnedOptimizer(nn.Module):
             flags = [[float(j > 0), float(j < len(c.layers)), float(c.lone), *_size_features(c, j)]
                      for c in structure.chains for j, n in enumerate(c.neuron_sizes) for _ in range(n)]
             graph.flags = torch.tensor(flags, device=device)  # [N, NUM_FLAGS]
-            graph.stat_of, graph.tensor_average, graph.norm_index = _stat_layout(structure, device)
+            graph.stat_of, graph.tensor_average, graph.norm_index, graph.row_tensors = _stat_layout(structure, device)
             self._graphs[key] = graph
         return self._graphs[key]
 
@@ -193,64 +211,109 @@ class LearnedOptimizer(nn.Module):
     # ------------------------------------------------------------------ pure interface
     def init(self, params: Sequence[Tensor]) -> dict[str, list[Tensor]]:
         zeros = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        return {"exp_avg": zeros, "exp_avg_sq": [z.clone() for z in zeros]}
+        state = {"exp_avg": zeros, "exp_avg_sq": [z.clone() for z in zeros]}
+        if self.config.refresh_every > 1:  # placeholder: step 1 always runs the metanetwork
+            graph = self._graph(self.structure_for([p.shape[1:] for p in params]), params[0].device)
+            state["coefficients"] = [params[0].new_zeros(params[0].shape[0], graph.num_neurons,
+                                                         self.num_coefficients, dtype=torch.float32)]
+        return state
 
     def update(self, meta_params: dict[str, Tensor] | None, params: Sequence[Tensor], grads: Sequence[Tensor],
                state: dict[str, list[Tensor]], step, lr: float | None = None, weight_decay: float = 0.0,
                structure: Structure | None = None) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
         """One step for a batch of tasks; differentiable in ``meta_params`` and ``params``.
 
-        ``step`` counts from 1. ``meta_params=None`` uses the module's own parameters; ``lr=None``
-        the base step size of the config.
+        ``step`` counts from 1 (a Python int here: it decides whether the metanetwork runs).
+        ``meta_params=None`` uses the module's own parameters; ``lr=None`` the base step size of
+        the config. With ``config.refresh_every > 1`` the state also carries the per-neuron
+        coefficients of the last refresh (``"coefficients"``), reused until the next one.
         """
         c = self.config
         lr = c.lr if lr is None else lr
         exp_avg = [torch.lerp(m, g, 1 - c.beta1) for m, g in zip(state["exp_avg"], grads)]
         exp_avg_sq = [v * c.beta2 + (1 - c.beta2) * g * g for v, g in zip(state["exp_avg_sq"], grads)]
-        deltas = self.direction(meta_params, params, grads, exp_avg, exp_avg_sq, step, structure)
+        reuse = state["coefficients"][0] if c.refresh_every > 1 and not self.refreshes(step) else None
+        deltas, coefficients = self.direction_and_coefficients(meta_params, params, grads, exp_avg, exp_avg_sq,
+                                                               step, structure, reuse)
         new_params = [p - lr * (d + weight_decay * p) for p, d in zip(params, deltas)]
-        return new_params, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        new_state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        if c.refresh_every > 1:
+            new_state["coefficients"] = [coefficients]
+        return new_params, new_state
+
+    def refreshes(self, step: int) -> bool:
+        """Whether the metanetwork runs at ``step`` (counted from 1): steps 1, 1 + k, 1 + 2k, ..."""
+        return (int(step) - 1) % self.config.refresh_every == 0
 
     def direction(self, meta_params: dict[str, Tensor] | None, params: Sequence[Tensor], grads: Sequence[Tensor],
                   exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor], step,
                   structure: Structure | None = None) -> list[Tensor]:
         """The update direction (to be scaled by -lr), given already-updated moments.
 
-        ``step`` counts from 1: a Python number, a 0-d tensor, or its ``step_scalars``. Written
-        for few passes over the parameters and few small ops: per-tensor normalisers are computed
-        for all tensors at once, so the fixed cost per step grows slowly with depth.
+        ``step`` counts from 1: a Python number, a 0-d tensor, or its ``step_scalars``.
         """
-        c = self.config
+        return self.direction_and_coefficients(meta_params, params, grads, exp_avg, exp_avg_sq, step, structure)[0]
+
+    @property
+    def num_coefficients(self) -> int:
+        """Per-neuron multipliers a refresh yields: 3 scales of Adam's direction (weight rows, weight
+        columns, bias), and the 4 additive terms' coefficients when ``max_mix`` > 0."""
+        return 7 if self.config.max_mix else 3
+
+    def direction_and_coefficients(self, meta_params: dict[str, Tensor] | None, params: Sequence[Tensor],
+                                   grads: Sequence[Tensor], exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor],
+                                   step, structure: Structure | None = None,
+                                   coefficients: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        """:meth:`direction`, and the per-neuron coefficients ``[B, N, num_coefficients]`` it used.
+
+        ``coefficients`` given (from an earlier step, see ``config.refresh_every``): reuse them
+        instead of running the metanetwork, which skips the neuron statistics too: the part of a
+        step whose cost does not shrink with the model. Written for few passes over the parameters
+        and few small ops: per-tensor normalisers are computed for all tensors at once, so the
+        fixed cost per step grows slowly with depth.
+        """
         structure = structure or self.structure_for([p.shape[1:] for p in params])
         if structure.num_params != len(params):
             raise ValueError(f"structure describes {structure.num_params} tensors, got {len(params)}")
         B, device = params[0].shape[0], params[0].device
         graph = self._graph(structure, device)
+        if coefficients is not None and tuple(coefficients.shape) != (B, graph.num_neurons, self.num_coefficients):
+            raise ValueError(f"reused coefficients have shape {tuple(coefficients.shape)}, this structure needs "
+                             f"{(B, graph.num_neurons, self.num_coefficients)}")
         bc2, adam_scale, eps, time = self.step_scalars(step, device)
         # Adam's direction is adam_scale * m / (sqrt(v) + eps * sqrt(bc2)); adam_scale rides on the
         # per-neuron scales below, so u costs three passes over the parameters
         u = [m / (v.sqrt() + eps) for m, v in zip(exp_avg, exp_avg_sq)]
+        if coefficients is None:
+            coefficients = self._coefficients(meta_params, structure, graph, u, grads, exp_avg, exp_avg_sq, params,
+                                              bc2, adam_scale, time)
+        return self._deltas(coefficients, structure, graph, u, grads, params, adam_scale), coefficients
 
+    def _coefficients(self, meta_params, structure: Structure, graph: NeuronGraph, u, grads, exp_avg, exp_avg_sq,
+                      params, bc2, adam_scale, time) -> Tensor:
+        """Run the metanetwork on the neurons' statistics; its outputs as per-neuron multipliers:
+        exp(log-scale) of Adam's direction (weight rows, weight columns, bias) and, when ``max_mix``
+        > 0, each additive term's mix times 1 / rms of the tensor it adds (g or p of the weight and
+        of the bias writing the neuron). Everything a later step needs, so a reuse costs no reduction."""
+        c = self.config
+        B = params[0].shape[0]
         # Neuron statistics use only tensors Adam already has (plus p^2), reduced along rows and
         # columns; normalisers are tensor means, so statistics are scale-free and permutation-invariant.
-        rows, set_feats, views = [], [], {}  # rows: per stat tensor (weights, then bias), [B, o, 5]
+        rows, set_feats = [], []  # rows: per stat tensor (weights, then bias), [B, o, 5]
         for chain in structure.chains:
             L = len(chain.layers)
             incoming: list = [None] * (L + 1)
             outgoing: list = [None] * (L + 1)
             bias_in: list = [None] * (L + 1)
             for l, layer in enumerate(chain.layers):
-                o, i, k = layer.view
-                uw, gw, mw, vw, pw = (t[layer.weight].reshape(B, o, i, k)
+                uw, gw, mw, vw, pw = (t[layer.weight].reshape(B, *layer.view)
                                       for t in (u, grads, exp_avg, exp_avg_sq, params))
                 incoming[l + 1], outgoing[l] = _row_col_means((uw, gw, mw, vw, pw * pw))
                 rows.append(incoming[l + 1])
-                views[layer.weight] = (uw, gw, pw)
                 if layer.bias is not None:
                     ub, gb, mb, vb, pb = (t[layer.bias] for t in (u, grads, exp_avg, exp_avg_sq, params))
                     bias_in[l + 1] = torch.stack([ub, gb, mb, vb, pb * pb], -1)  # [B, o, 5]
                     rows.append(bias_in[l + 1])
-                    views[layer.bias] = (ub, gb, pb)
             for j, n in enumerate(chain.neuron_sizes):
                 set_feats.append(torch.cat([t if t is not None else params[0].new_zeros(B, n, NUM_STATS)
                                             for t in (incoming[j], bias_in[j], outgoing[j])], -1))
@@ -262,34 +325,44 @@ class LearnedOptimizer(nn.Module):
         norms = torch.cat([torch.ones_like(v_mean) * adam_scale, g_scales, v_mean.rsqrt(), means.reciprocal()], -1)
         norms = torch.cat([norms.flatten(1), norms.new_zeros(B, 1)], 1)  # [B, 5T + 1]; the last: absent stats
         stats = torch.cat(set_feats, 1) * norms[:, graph.norm_index]  # [B, N, 15]
-        g_scales, p_scales = g_scales[..., 0], means[..., 1].rsqrt()  # [B, T]
         x = torch.cat([stats, graph.flags.expand(B, -1, -1), time.expand(B, graph.num_neurons, len(c.time_scales))], -1)
 
         out = self(x, graph) if meta_params is None else torch.func.functional_call(self, meta_params, (x, graph))
         out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)  # a broken metanetwork falls back to Adam
         scale = torch.exp(c.max_log_scale * torch.tanh(out[..., :3] / c.max_log_scale))
-        correction = scale.new_ones(3)
-        correction[0::2] = adam_scale  # Adam's bias correction rides on the row and bias scales
-        scale = scale * correction
-        mix = c.max_mix * torch.tanh(out[..., 3:])
-        set_scale, set_mix = scale.split(graph.set_sizes, 1), mix.split(graph.set_sizes, 1)
+        if not c.max_mix:
+            return scale
+        zero = means.new_zeros(B, 1, 1)  # for neurons that no weight or bias writes
+        g_scales, p_scales = (torch.cat([t, zero], 1)[:, graph.row_tensors, 0] for t in (g_scales, means[..., 1:].rsqrt()))
+        tensor_scales = torch.stack([g_scales[..., 0], p_scales[..., 0], g_scales[..., 1], p_scales[..., 1]], -1)
+        return torch.cat([scale, c.max_mix * torch.tanh(out[..., 3:]) * tensor_scales], -1)
 
+    def _deltas(self, coefficients: Tensor, structure: Structure, graph: NeuronGraph, u, grads, params,
+               adam_scale) -> list[Tensor]:
+        """Per-neuron coefficients to per-element updates: two or four passes over each weight."""
+        correction = coefficients.new_ones(3)
+        correction[0::2] = adam_scale  # Adam's bias correction rides on the row and bias scales
+        set_scale = (coefficients[..., :3] * correction).split(graph.set_sizes, 1)
+        set_mix = coefficients[..., 3:].split(graph.set_sizes, 1) if coefficients.shape[-1] > 3 else None
+        B = params[0].shape[0]
         deltas: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
         s = 0  # first neuron set of the chain
         for chain in structure.chains:
             for l, layer in enumerate(chain.layers):
-                row_scale, col_scale, row_mix = set_scale[s + l + 1], set_scale[s + l], set_mix[s + l + 1]
-                uw, gw, pw = views[layer.weight]
-                t = graph.stat_of[layer.weight]
-                mixes = row_mix[..., :2] * torch.stack([g_scales[:, t], p_scales[:, t]], -1)[:, None]  # [B, o, 2]
+                row_scale, col_scale = set_scale[s + l + 1], set_scale[s + l]
+                w = layer.weight
+                uw = u[w].reshape(B, *layer.view)
                 d = uw * (row_scale[:, :, 0, None, None] * col_scale[:, None, :, 1, None])
-                d = torch.addcmul(d, mixes[..., 0, None, None], gw)
-                d = torch.addcmul(d, mixes[..., 1, None, None], pw)
-                deltas[layer.weight] = d.reshape(params[layer.weight].shape)
+                if set_mix is not None:
+                    row_mix = set_mix[s + l + 1]
+                    d = torch.addcmul(d, row_mix[..., 0, None, None], grads[w].reshape(uw.shape))
+                    d = torch.addcmul(d, row_mix[..., 1, None, None], params[w].reshape(uw.shape))
+                deltas[w] = d.reshape(params[w].shape)
                 if layer.bias is not None:
-                    ub, gb, pb = views[layer.bias]
-                    t = graph.stat_of[layer.bias]
-                    deltas[layer.bias] = ub * row_scale[..., 2] + row_mix[..., 2] * g_scales[:, t, None] * gb \
-                        + row_mix[..., 3] * p_scales[:, t, None] * pb
+                    b = layer.bias
+                    db = u[b] * row_scale[..., 2]
+                    if set_mix is not None:
+                        db = db + row_mix[..., 2] * grads[b] + row_mix[..., 3] * params[b]
+                    deltas[b] = db
             s += len(chain.layers) + 1
         return deltas

@@ -14,6 +14,9 @@ from .learned import LearnedOptimizer, LearnedOptimizerConfig
 from .structure import Structure, infer_structure, structure_from_module
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+# the per-neuron coefficients of the last refresh when the learned optimizer reuses them
+# (``refresh_every`` > 1); they describe all neurons, so they live in the state of the first parameter
+_COEFFICIENTS = "neuron_coefficients"
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -23,15 +26,17 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _moments_and_direction(learned: LearnedOptimizer, params: list[Tensor], grads: list[Tensor],
                            exp_avg: list[Tensor], exp_avg_sq: list[Tensor], live: tuple[int, ...], step,
-                           structure: Structure) -> list[Tensor]:
-    """Update the moments of the ``live`` tensors in place, then the learned direction of every tensor."""
+                           structure: Structure, coefficients: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    """Update the moments of the ``live`` tensors in place, then the learned direction of every tensor
+    (and the per-neuron coefficients it used: ``coefficients`` if given, else fresh ones)."""
     c = learned.config
     m, v, g = ([t[i] for i in live] for t in (exp_avg, exp_avg_sq, grads))
     torch._foreach_lerp_(m, g, 1 - c.beta1)
     torch._foreach_mul_(v, c.beta2)
     torch._foreach_addcmul_(v, g, g, value=1 - c.beta2)
-    return learned.direction(None, [p[None] for p in params], [gr[None] for gr in grads],
-                             [t[None] for t in exp_avg], [t[None] for t in exp_avg_sq], step, structure)
+    return learned.direction_and_coefficients(None, [p[None] for p in params], [gr[None] for gr in grads],
+                                              [t[None] for t in exp_avg], [t[None] for t in exp_avg_sq], step,
+                                              structure, coefficients)
 
 
 class MetaNetOptimizer(torch.optim.Optimizer):
@@ -48,6 +53,10 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         compile: run the moment update and the metanetwork through ``torch.compile``: fewer,
             fused kernels per step (``benchmarks/optimizer_overhead.py --compile`` measures it),
             paid for by a compilation at the first step and whenever the model's shapes change.
+        refresh_every: run the metanetwork every this many steps and reuse its per-neuron
+            coefficients in between (None: the learned optimizer's own setting). Its cost does
+            not shrink with the model, so on small models this is most of the step's overhead over
+            Adam; docs/optimizer.md measures what it saves and what it changes.
 
     The update of step t is computed in float32 whatever the parameter dtype. A step whose
     gradients contain NaN or inf is skipped entirely (parameters and state untouched), with one
@@ -56,10 +65,12 @@ class MetaNetOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float | None = None, weight_decay: float = 0.0,
                  learned: LearnedOptimizer | str | os.PathLike | None = None, module: nn.Module | None = None,
-                 compile: bool = False):
+                 compile: bool = False, refresh_every: int | None = None):
         if learned is None:
             learned = DEFAULT_PATH
         learned = learned if isinstance(learned, LearnedOptimizer) else load_learned(learned)
+        if refresh_every is not None and refresh_every != learned.config.refresh_every:
+            learned = learned.with_config(refresh_every=refresh_every)
         lr = learned.config.lr if lr is None else lr
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
@@ -83,6 +94,8 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         if self._structure is None or self._structure.num_params != len(params):
             self._structure = structure_from_module(self.module, params) if self.module is not None \
                 else infer_structure([tuple(p.shape) for p in params])
+            for st in self.state.values():  # coefficients of other neurons: the next step refreshes
+                st.pop(_COEFFICIENTS, None)
         return self._structure
 
     def describe(self) -> str:
@@ -148,11 +161,17 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         device = params[0].device
         if next(self.learned.parameters()).device != device:  # Module.to walks every parameter: only on a move
             self.learned.to(device)
+        structure = self.structure()
+        reuse = None
+        if self.learned.config.refresh_every > 1 and not self.learned.refreshes(step):
+            reuse = states[0].get(_COEFFICIENTS)  # absent after a change of structure: refresh now
         compute = self._compiled_direction(device) if self.compile else _moments_and_direction
-        deltas = compute(self.learned, [_cast(p, torch.float32) for p in params], grads32,
-                         [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                         tuple(live_idx), self.learned.step_scalars(torch.tensor(step), device) if self.compile
-                         else step, self.structure())
+        deltas, coefficients = compute(self.learned, [_cast(p, torch.float32) for p in params], grads32,
+                                  [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                                  tuple(live_idx), self.learned.step_scalars(torch.tensor(step), device)
+                                  if self.compile else step, structure, reuse)
+        if self.learned.config.refresh_every > 1:
+            states[0][_COEFFICIENTS] = coefficients
         index = {id(p): i for i, p in enumerate(params)}
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
@@ -175,15 +194,14 @@ class MetaNetOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
-        learned = state_dict.pop("learned", None)
-        if learned is not None:
+        learned, saved_learned = self.learned, state_dict.pop("learned", None)
+        if saved_learned is not None:
             try:
-                config = LearnedOptimizerConfig.from_dict(learned["config"])
+                config = LearnedOptimizerConfig.from_dict(saved_learned["config"])
             except (KeyError, ValueError, TypeError) as e:
                 raise CheckpointError(f"optimizer state dict: bad learned-optimizer config ({e})") from e
-            new = LearnedOptimizer(config)
-            load_meta_state(new, learned["params"], "optimizer state dict")
-            self.learned = new.requires_grad_(False)
+            learned = LearnedOptimizer(config)
+            load_meta_state(learned, saved_learned["params"], "optimizer state dict")
         params = self._params()
         saved = state_dict.get("state", {})
         for idx, st in saved.items():
@@ -194,10 +212,15 @@ class MetaNetOptimizer(torch.optim.Optimizer):
                 if key in st and tuple(st[key].shape) != tuple(params[idx].shape):
                     raise CheckpointError(f"optimizer state dict: {key} of parameter {idx} has shape "
                                           f"{tuple(st[key].shape)}, the parameter has {tuple(params[idx].shape)}")
+            if _COEFFICIENTS in st:
+                need = (1, sum(sum(c.neuron_sizes) for c in self.structure().chains), learned.num_coefficients)
+                if tuple(st[_COEFFICIENTS].shape) != need:
+                    raise CheckpointError(f"optimizer state dict: {_COEFFICIENTS} has shape "
+                                          f"{tuple(st[_COEFFICIENTS].shape)}; this model and rule need {need}")
+        self.learned = learned.requires_grad_(False)
         super().load_state_dict(state_dict)
-        # torch.optim casts state to the parameter dtype; our moments stay float32 (bf16 resume is exact)
+        # torch.optim casts state to the parameter dtype; ours stays float32 (bf16 resume is exact)
         for idx, st in saved.items():
-            for key in _MOMENTS:
+            for key in (*_MOMENTS, _COEFFICIENTS):
                 if key in st:
                     self.state[params[idx]][key] = st[key].detach().to(params[idx].device, torch.float32).clone()
-        self._structure = None

@@ -21,6 +21,10 @@ def test_bad_values_name_the_field(tmp_path):
         Config(estimator="sgd")
     with pytest.raises(ConfigError, match="max_horizon"):
         Config(min_horizon=10, max_horizon=5)
+    with pytest.raises(ConfigError, match="'refresh_every' must be >= 1"):
+        Config(refresh_every=0)
+    with pytest.raises(ConfigError, match="max_mix"):
+        Config(max_mix=-0.1)
     (tmp_path / "c.yaml").write_text("sigmaa: 0.1\n")
     with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['sigmaa'\]"):
         Config.from_yaml(tmp_path / "c.yaml")

@@ -167,6 +167,11 @@ def test_init_from_starts_at_the_saved_meta_parameters_and_names_mismatches(tmp_
     assert all(torch.equal(trainer.meta_params()[k], v) for k, v in shipped.items())
     fresh = MetaTrainer(small.replace(init_from=""), build_problem(small))
     assert not all(torch.equal(fresh.meta_params()[k], v) for k, v in shipped.items())
+    # how often the metanetwork runs may change in a fine-tune; the problem's rule runs at the new period
+    every_4 = small.replace(refresh_every=4, max_mix=0.0)
+    retuned = MetaTrainer(every_4, build_problem(every_4))
+    assert all(torch.equal(retuned.meta_params()[k], v) for k, v in shipped.items())
+    assert retuned.problem.opt.config.refresh_every == 4 and retuned.problem.opt.config.max_mix == 0
 
     # the large suite's learned optimizer has another base lr: the file's config says so
     large = Config(**dict(SUITES["large"].defaults, suite="large", progress=False, num_groups=1,
