@@ -5,9 +5,10 @@
 For each model: the whole training iteration (zero_grad, forward, backward, step on a batch of
 128) and the optimizer step alone, medians over interleaved repetitions (Adam, ours, Adam, ...),
 reported as ours / Adam. A repetition is as many iterations as the metanetwork's refresh period
-(``refresh_every``), timed as a mean, so every number includes the amortised metanetwork cost. Goals: whole iteration <= 1.5x Adam on CPU for 100k+ parameter models,
-<= 1.2x on GPU for 10M+. ``--compile`` measures ``MetaNetOptimizer(compile=True)`` (its first step
-compiles, tens of seconds on a small CPU; the warm-up iterations absorb that). The learned optimizer
+(``refresh_every``), timed as a mean, so every number includes the amortised metanetwork cost.
+Goals: whole iteration <= 1.5x Adam on CPU for 100k+ parameter models, <= 1.2x on GPU for 10M+.
+``--compile`` measures ``MetaNetOptimizer(compile=True)`` (its first step compiles, tens of
+seconds on a small CPU; the warm-up iterations absorb that). The learned optimizer
 is the shipped default (what ``MetaNetOptimizer(params)`` runs) unless ``--learned`` names another;
 ``--refresh-every K`` overrides how often its metanetwork runs.
 """

@@ -359,16 +359,16 @@ def test_refresh_every_reuses_the_coefficients_in_between():
     x, y = data()
     every_step = MetaNetOptimizer(nets[0].parameters(), lr=1e-2, learned=random_learned())
     every_third = MetaNetOptimizer(nets[1].parameters(), lr=1e-2, learned=random_learned(), refresh_every=3)
-    outputs, differ = [], []
+    coefficients, differ = [], []
     for _ in range(4):
         train(nets[0], every_step, 1, x, y)
         train(nets[1], every_third, 1, x, y)
-        outputs.append(every_third.state[nets[1][0].weight]["neuron_coefficients"].clone())
+        coefficients.append(every_third.state[nets[1][0].weight]["neuron_coefficients"].clone())
         differ.append(max((a - b).abs().max().item() for a, b in zip(*(n.parameters() for n in nets))))
     assert differ[0] == 0  # step 1 runs the metanetwork in both
     assert differ[1] > 1e-6  # step 2 reuses step 1's coefficients: a different update
-    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[1], outputs[2])
-    assert not torch.equal(outputs[2], outputs[3])  # step 4 refreshes
+    assert torch.equal(coefficients[0], coefficients[1]) and torch.equal(coefficients[1], coefficients[2])
+    assert not torch.equal(coefficients[2], coefficients[3])  # step 4 refreshes
     assert "neuron_coefficients" not in every_step.state[nets[0][0].weight]
 
 

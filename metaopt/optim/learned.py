@@ -232,7 +232,7 @@ class LearnedOptimizer(nn.Module):
         lr = c.lr if lr is None else lr
         exp_avg = [torch.lerp(m, g, 1 - c.beta1) for m, g in zip(state["exp_avg"], grads)]
         exp_avg_sq = [v * c.beta2 + (1 - c.beta2) * g * g for v, g in zip(state["exp_avg_sq"], grads)]
-        reuse = state["coefficients"][0] if c.refresh_every > 1 and not self.refreshes(step) else None
+        reuse = None if self.refreshes(step) else state["coefficients"][0]
         deltas, coefficients = self.direction_and_coefficients(meta_params, params, grads, exp_avg, exp_avg_sq,
                                                                step, structure, reuse)
         new_params = [p - lr * (d + weight_decay * p) for p, d in zip(params, deltas)]
@@ -333,12 +333,13 @@ class LearnedOptimizer(nn.Module):
         if not c.max_mix:
             return scale
         zero = means.new_zeros(B, 1, 1)  # for neurons that no weight or bias writes
-        g_scales, p_scales = (torch.cat([t, zero], 1)[:, graph.row_tensors, 0] for t in (g_scales, means[..., 1:].rsqrt()))
+        g_scales, p_scales = (torch.cat([t, zero], 1)[:, graph.row_tensors, 0]  # [B, N, 2]: weight, bias
+                              for t in (g_scales, means[..., 1:].rsqrt()))
         tensor_scales = torch.stack([g_scales[..., 0], p_scales[..., 0], g_scales[..., 1], p_scales[..., 1]], -1)
         return torch.cat([scale, c.max_mix * torch.tanh(out[..., 3:]) * tensor_scales], -1)
 
     def _deltas(self, coefficients: Tensor, structure: Structure, graph: NeuronGraph, u, grads, params,
-               adam_scale) -> list[Tensor]:
+                adam_scale) -> list[Tensor]:
         """Per-neuron coefficients to per-element updates: two or four passes over each weight."""
         correction = coefficients.new_ones(3)
         correction[0::2] = adam_scale  # Adam's bias correction rides on the row and bias scales

@@ -162,9 +162,8 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         if next(self.learned.parameters()).device != device:  # Module.to walks every parameter: only on a move
             self.learned.to(device)
         structure = self.structure()
-        reuse = None
-        if self.learned.config.refresh_every > 1 and not self.learned.refreshes(step):
-            reuse = states[0].get(_COEFFICIENTS)  # absent after a change of structure: refresh now
+        # absent after a change of structure: then this step refreshes
+        reuse = None if self.learned.refreshes(step) else states[0].get(_COEFFICIENTS)
         compute = self._compiled_direction(device) if self.compile else _moments_and_direction
         deltas, coefficients = compute(self.learned, [_cast(p, torch.float32) for p in params], grads32,
                                   [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
