@@ -75,7 +75,9 @@ def problem_options(config: Config, device: torch.device) -> dict[str, Any]:
 def learned_optimizer(config: Config, lr: float):
     """The suites' metaopt LearnedOptimizer: the suite's base lr, the rule options of the run's config."""
     from metaopt.optim import LearnedOptimizer, LearnedOptimizerConfig
-    return LearnedOptimizer(LearnedOptimizerConfig(lr=lr, max_mix=config.max_mix, refresh_every=config.refresh_every))
+    return LearnedOptimizer(LearnedOptimizerConfig(lr=lr, max_mix=config.max_mix, refresh_every=config.refresh_every,
+                                                   mix_decay_from=config.mix_decay_from or None,
+                                                   amsgrad_from=config.amsgrad_from or None))
 
 
 def _tiny(config: Config, device: torch.device) -> MetaProblem:

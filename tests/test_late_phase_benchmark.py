@@ -29,11 +29,24 @@ def _same(a, b) -> bool:
 
 def test_every_output_off_is_adam_at_the_base_lr():
     # the untrained rule is Adam: with every metanetwork output zeroed by the hook, so is this one
+    # (the shipped late phase's AMSGrad starts later than these steps)
     assert _same(_one_step({"zero": tuple(range(7))}), _one_step(lp.VARIANTS["Adam at the base lr"]))
 
 
 def test_ablations_change_the_shipped_update():
     shipped = _one_step(lp.VARIANTS["shipped default"])
-    for label in ("additive terms off (max_mix=0)", "parameter term off", "gradient term off"):
-        assert not _same(_one_step(lp.VARIANTS[label]), shipped), label
+    late_off = _one_step(lp.VARIANTS["late phase off"])
+    for label in ("late phase off, additive terms off (max_mix=0)", "late phase off, parameter term off",
+                  "late phase off, gradient term off"):
+        assert not _same(_one_step(lp.VARIANTS[label]), late_off), label
     assert not _same(_one_step(lp.VARIANTS["Adam at the base lr, amsgrad"]), shipped)
+
+
+def test_late_phase_variants_switch_off_what_they_say():
+    full = lp.make_optimizer(torch.nn.Linear(2, 2), lp.VARIANTS["shipped default"]).learned.config
+    assert full.mix_decay_from and full.amsgrad_from  # the shipped default has a late phase
+    for label, off in (("late phase off", {"mix_decay_from", "amsgrad_from"}),
+                       ("late phase: additive terms fade, no AMSGrad", {"amsgrad_from"}),
+                       ("late phase: AMSGrad, no fade", {"mix_decay_from"})):
+        config = lp.make_optimizer(torch.nn.Linear(2, 2), lp.VARIANTS[label]).learned.config
+        assert {k for k in ("mix_decay_from", "amsgrad_from") if getattr(config, k) is None} == off, label

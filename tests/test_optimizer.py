@@ -21,6 +21,11 @@ def random_learned(seed=0, scale=0.3, **config):
     return learned
 
 
+# the late phase (additive terms fade from step 2, AMSGrad's second moment from step 3), with a refresh
+# period, so that a few steps cross every switch of the rule
+LATE = {"refresh_every": 2, "mix_decay_from": 2, "amsgrad_from": 3}
+
+
 def data(name="mlp3", n=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     shape = INPUT_SHAPES[name] if name in INPUT_SHAPES else (ARCHS[name]()[0].in_features,)
@@ -65,13 +70,13 @@ def test_trained_metanetwork_changes_the_update():
     assert max((a - b).abs().max().item() for a, b in zip(net.parameters(), ref.parameters())) > 1e-3
 
 
-@pytest.mark.parametrize("refresh_every", [1, 3])
-def test_functional_core_matches_the_optimizer(refresh_every):
+@pytest.mark.parametrize("config", [{}, {"refresh_every": 3}, LATE])
+def test_functional_core_matches_the_optimizer(config):
     torch.manual_seed(0)
     net = ARCHS["cnn2d_flatten"]()
     params0 = [p.detach().clone() for p in net.parameters()]
     x, y = data("cnn2d_flatten")
-    learned = random_learned(refresh_every=refresh_every)
+    learned = random_learned(**config)
     opt = MetaNetOptimizer(net.parameters(), lr=3e-3, weight_decay=0.1, learned=learned)
     train(net, opt, 5, x, y)
 
@@ -111,9 +116,10 @@ def loss_fn_call(module, named_from, params, x, y):
     return ((out.mean(-1, keepdim=True) - y) ** 2).mean()
 
 
-@pytest.mark.parametrize("name,refresh_every", [("mlp3", 1), ("mlp5", 1), ("cnn2d_flatten", 1), ("cnn2d_gap", 1),
-                                                ("mlp5", 2), ("cnn2d_flatten", 2)])
-def test_update_is_equivariant_to_hidden_permutations(name, refresh_every):
+@pytest.mark.parametrize("name,config", [("mlp3", {}), ("mlp5", {}), ("cnn2d_flatten", {}), ("cnn2d_gap", {}),
+                                         ("mlp5", {"refresh_every": 2}), ("cnn2d_flatten", {"refresh_every": 2}),
+                                         ("mlp5", LATE), ("cnn1d", LATE)])
+def test_update_is_equivariant_to_hidden_permutations(name, config):
     # with refresh_every=2, step 2 reuses step 1's coefficients: the cache must be permuted with the model
     torch.manual_seed(0)
     net = ARCHS[name]()
@@ -121,7 +127,7 @@ def test_update_is_equivariant_to_hidden_permutations(name, refresh_every):
     perms = random_hidden_perms(ws.spec, torch.Generator().manual_seed(1))
     permuted = ws.permute_hidden(perms).to_modules(net)[0]
     x, y = data(name)
-    learned = random_learned(refresh_every=refresh_every)
+    learned = random_learned(**config)
     train(net, MetaNetOptimizer(net.parameters(), lr=1e-2, learned=learned, module=net), 3, x, y)
     train(permuted, MetaNetOptimizer(permuted.parameters(), lr=1e-2, learned=learned, module=permuted), 3, x, y)
     expected = WeightSpace.from_modules(net).permute_hidden(perms)
@@ -194,15 +200,17 @@ def test_lr_scheduler_drives_the_step_size():
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), before))
 
 
-@pytest.mark.parametrize("dtype,refresh_every", [(torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 2),
-                                                 (torch.bfloat16, 2)])
-def test_resume_is_bit_exact(dtype, refresh_every, tmp_path):
-    # refresh_every=2: the checkpoint falls after step 3, so step 4 must reuse the saved coefficients
+@pytest.mark.parametrize("dtype,config", [(torch.float32, {}), (torch.bfloat16, {}),
+                                          (torch.float32, {"refresh_every": 2}), (torch.bfloat16, {"refresh_every": 2}),
+                                          (torch.float32, LATE), (torch.bfloat16, LATE)])
+def test_resume_is_bit_exact(dtype, config, tmp_path):
+    # refresh_every=2: the checkpoint falls after step 3, so step 4 must reuse the saved coefficients;
+    # LATE: ... and the running maximum of the second moment, started at step 3
     torch.manual_seed(0)
     net = mlp(4, 7, 3, 2).to(dtype)
     x, y = data()
     x, y = x.to(dtype), y.to(dtype)
-    learned = random_learned(refresh_every=refresh_every)
+    learned = random_learned(**config)
     opt = MetaNetOptimizer(net.parameters(), lr=1e-2, learned=learned)
     train(net, opt, 3, x, y)
     torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
@@ -372,9 +380,54 @@ def test_refresh_every_reuses_the_coefficients_in_between():
     assert "neuron_coefficients" not in every_step.state[nets[0][0].weight]
 
 
-def test_refresh_every_is_checked():
-    with pytest.raises(ValueError, match="refresh_every"):
-        LearnedOptimizerConfig(refresh_every=0)
+@pytest.mark.parametrize("bad", [{"refresh_every": 0}, {"mix_decay_from": 0}, {"amsgrad_from": 2.5},
+                                 {"amsgrad_from": -1}])
+def test_config_steps_are_checked(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        LearnedOptimizerConfig(**bad)
+
+
+@pytest.mark.parametrize("step", [5, 40])
+def test_late_phase_fades_the_additive_terms(step):
+    # beyond mix_decay_from = 10 the update is the scaled Adam direction plus the additive terms times 10 / t
+    torch.manual_seed(0)
+    learned = random_learned()
+    params = [p.detach()[None] for p in ARCHS["cnn2d_flatten"]().parameters()]
+    grads, m = [torch.randn_like(p) for p in params], [torch.randn_like(p) for p in params]
+    v = [torch.rand_like(p) for p in params]
+    full, scales_only, late = (learned.with_config(**c).direction(None, params, grads, m, v, step)
+                               for c in ({}, {"max_mix": 0.0}, {"mix_decay_from": 10}))
+    fade = min(1.0, 10 / step)
+    assert max((a - b).abs().max().item() for a, b in zip(full, scales_only)) > 1e-3  # the terms are there
+    for f, s, got in zip(full, scales_only, late):
+        torch.testing.assert_close(got, s + fade * (f - s), atol=1e-6, rtol=1e-5)
+
+
+def test_late_phase_second_moment_is_amsgrads():
+    # untrained, the rule is Adam; from amsgrad_from on it is torch's AMSGrad (switched on mid-run),
+    # which differs from Adam once the gradients shrink and Adam's second moment decays
+    torch.manual_seed(0)
+    nets = [mlp(3, 5, 2) for _ in range(3)]
+    for n in nets[1:]:
+        n.load_state_dict(nets[0].state_dict())
+    ours = MetaNetOptimizer(nets[0].parameters(), lr=1e-2, learned=LearnedOptimizer(LearnedOptimizerConfig(
+        amsgrad_from=6)))
+    amsgrad_from_6, adam = (torch.optim.Adam(n.parameters(), lr=1e-2) for n in nets[1:])
+    grads = [torch.randn_like(p) for p in nets[0].parameters()]
+    for step in range(1, 16):
+        if step == 6:
+            amsgrad_from_6.param_groups[0]["amsgrad"] = True
+            for st in amsgrad_from_6.state.values():
+                st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"])
+        for net, opt in zip(nets, (ours, amsgrad_from_6, adam)):
+            for p, g in zip(net.parameters(), grads):
+                p.grad = g * 0.5 ** step
+            opt.step()
+        if step == 5:
+            assert "max_exp_avg_sq" not in ours.state[nets[0][0].weight]
+    for a, b, c in zip(*(n.parameters() for n in nets)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert (a - c).abs().max() > 1e-5
 
 
 def test_saved_coefficients_of_the_wrong_size_are_rejected():
@@ -404,14 +457,14 @@ def test_cuda_matches_cpu():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("refresh_every", [1, 2])
-def test_compiled_step_matches_eager(refresh_every):
+@pytest.mark.parametrize("config", [{}, LATE])
+def test_compiled_step_matches_eager(config):
     # compile=True fuses the moment update and the metanetwork; same trajectory, fewer kernels
     torch.manual_seed(0)
     nets = [mlp(4, 7, 3, 2) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
     x, y = data()
-    learned = random_learned(refresh_every=refresh_every)
+    learned = random_learned(**config)
     eager = MetaNetOptimizer(nets[0].parameters(), lr=1e-2, learned=copy.deepcopy(learned))
     compiled = MetaNetOptimizer(nets[1].parameters(), lr=1e-2, learned=copy.deepcopy(learned), compile=True)
     train(nets[0], eager, 4, x, y)

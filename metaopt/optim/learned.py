@@ -36,12 +36,14 @@ NUM_OUTPUTS = 7  # log-scales: weight row, weight column, bias; mixes: weight gr
 
 class StepScalars(NamedTuple):
     """What the step count t contributes: 1 - beta2^t, Adam's scale sqrt(1 - beta2^t) / (1 - beta1^t),
-    its eps, and the time features. Floats, or 0-d / 1-d tensors for compiled callers."""
+    its eps, the time features, and the late phase's factor on the additive terms (1 before
+    ``mix_decay_from``). Floats, or 0-d / 1-d tensors for compiled callers."""
 
     bc2: float | Tensor
     adam_scale: float | Tensor
     eps: float | Tensor
     time: Tensor
+    mix_scale: float | Tensor
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,21 @@ class LearnedOptimizerConfig:
     # between: its cost and that of the neuron statistics, fixed per step whatever the model's size,
     # amortised over k steps (Shampoo and K-FAC refresh their preconditioners the same way)
     refresh_every: int = 1
+    # the late phase, beyond what meta-training showed the rule (None: off). Near a minimum the
+    # gradients vanish, Adam's second moment collapses with them and the normalised steps throw a
+    # converged fit out of its basin (docs/optimizer.md, "late phase"). From step mix_decay_from on,
+    # the additive terms fade as mix_decay_from / t; from step amsgrad_from on, the second moment is
+    # AMSGrad's running maximum, so the preconditioner cannot collapse
+    mix_decay_from: int | None = None
+    amsgrad_from: int | None = None
 
     def __post_init__(self):
         if not (isinstance(self.refresh_every, int) and self.refresh_every >= 1):
             raise ValueError(f"refresh_every must be an integer >= 1, got {self.refresh_every!r}")
+        for name in ("mix_decay_from", "amsgrad_from"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be None (off) or an integer step >= 1, got {value!r}")
 
     @property
     def in_features(self) -> int:
@@ -202,16 +215,21 @@ class LearnedOptimizer(nn.Module):
             t = step.to(device=device, dtype=torch.float64)
             bc1, bc2 = 1 - c.beta1 ** t, 1 - c.beta2 ** t
             time = torch.tanh(t / torch.tensor(c.time_scales, dtype=torch.float64, device=device))
-            return StepScalars(bc2.float(), (bc2.sqrt() / bc1).float(), (c.eps * bc2.sqrt()).float(), time.float())
+            mix_scale = (c.mix_decay_from / t).clamp(max=1.0) if c.mix_decay_from else torch.ones_like(t)
+            return StepScalars(bc2.float(), (bc2.sqrt() / bc1).float(), (c.eps * bc2.sqrt()).float(), time.float(),
+                               mix_scale.float())
         step = float(step)
         bc1, bc2 = 1 - c.beta1 ** step, 1 - c.beta2 ** step
         time = torch.tensor([math.tanh(step / t) for t in c.time_scales], device=device)
-        return StepScalars(bc2, math.sqrt(bc2) / bc1, c.eps * math.sqrt(bc2), time)
+        mix_scale = min(1.0, c.mix_decay_from / step) if c.mix_decay_from else 1.0
+        return StepScalars(bc2, math.sqrt(bc2) / bc1, c.eps * math.sqrt(bc2), time, mix_scale)
 
     # ------------------------------------------------------------------ pure interface
     def init(self, params: Sequence[Tensor]) -> dict[str, list[Tensor]]:
         zeros = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         state = {"exp_avg": zeros, "exp_avg_sq": [z.clone() for z in zeros]}
+        if self.config.amsgrad_from is not None:  # max(0, v) = v: the running maximum starts at amsgrad_from
+            state["max_exp_avg_sq"] = [z.clone() for z in zeros]
         if self.config.refresh_every > 1:  # placeholder: step 1 always runs the metanetwork
             graph = self._graph(self.structure_for([p.shape[1:] for p in params]), params[0].device)
             state["coefficients"] = [params[0].new_zeros(params[0].shape[0], graph.num_neurons,
@@ -226,17 +244,24 @@ class LearnedOptimizer(nn.Module):
         ``step`` counts from 1 (a Python int here: it decides whether the metanetwork runs).
         ``meta_params=None`` uses the module's own parameters; ``lr=None`` the base step size of
         the config. With ``config.refresh_every > 1`` the state also carries the per-neuron
-        coefficients of the last refresh (``"coefficients"``), reused until the next one.
+        coefficients of the last refresh (``"coefficients"``), reused until the next one; with
+        ``config.amsgrad_from`` set, the running maximum of the second moment (``"max_exp_avg_sq"``).
         """
         c = self.config
         lr = c.lr if lr is None else lr
         exp_avg = [torch.lerp(m, g, 1 - c.beta1) for m, g in zip(state["exp_avg"], grads)]
         exp_avg_sq = [v * c.beta2 + (1 - c.beta2) * g * g for v, g in zip(state["exp_avg_sq"], grads)]
+        new_state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        second_moment = exp_avg_sq
+        if c.amsgrad_from is not None:
+            new_state["max_exp_avg_sq"] = state["max_exp_avg_sq"]
+            if self.uses_max_second_moment(step):
+                second_moment = new_state["max_exp_avg_sq"] = [torch.maximum(a, v) for a, v in
+                                                               zip(state["max_exp_avg_sq"], exp_avg_sq)]
         reuse = None if self.refreshes(step) else state["coefficients"][0]
-        deltas, coefficients = self.direction_and_coefficients(meta_params, params, grads, exp_avg, exp_avg_sq,
+        deltas, coefficients = self.direction_and_coefficients(meta_params, params, grads, exp_avg, second_moment,
                                                                step, structure, reuse)
         new_params = [p - lr * (d + weight_decay * p) for p, d in zip(params, deltas)]
-        new_state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
         if c.refresh_every > 1:
             new_state["coefficients"] = [coefficients]
         return new_params, new_state
@@ -244,6 +269,10 @@ class LearnedOptimizer(nn.Module):
     def refreshes(self, step: int) -> bool:
         """Whether the metanetwork runs at ``step`` (counted from 1): steps 1, 1 + k, 1 + 2k, ..."""
         return (int(step) - 1) % self.config.refresh_every == 0
+
+    def uses_max_second_moment(self, step: int) -> bool:
+        """Whether ``step`` (counted from 1) reads AMSGrad's running maximum as its second moment."""
+        return self.config.amsgrad_from is not None and int(step) >= self.config.amsgrad_from
 
     def direction(self, meta_params: dict[str, Tensor] | None, params: Sequence[Tensor], grads: Sequence[Tensor],
                   exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor], step,
@@ -280,14 +309,14 @@ class LearnedOptimizer(nn.Module):
         if coefficients is not None and tuple(coefficients.shape) != (B, graph.num_neurons, self.num_coefficients):
             raise ValueError(f"reused coefficients have shape {tuple(coefficients.shape)}, this structure needs "
                              f"{(B, graph.num_neurons, self.num_coefficients)}")
-        bc2, adam_scale, eps, time = self.step_scalars(step, device)
+        bc2, adam_scale, eps, time, mix_scale = self.step_scalars(step, device)
         # Adam's direction is adam_scale * m / (sqrt(v) + eps * sqrt(bc2)); adam_scale rides on the
         # per-neuron scales below, so u costs three passes over the parameters
         u = [m / (v.sqrt() + eps) for m, v in zip(exp_avg, exp_avg_sq)]
         if coefficients is None:
             coefficients = self._coefficients(meta_params, structure, graph, u, grads, exp_avg, exp_avg_sq, params,
                                               bc2, adam_scale, time)
-        return self._deltas(coefficients, structure, graph, u, grads, params, adam_scale), coefficients
+        return self._deltas(coefficients, structure, graph, u, grads, params, adam_scale, mix_scale), coefficients
 
     def _coefficients(self, meta_params, structure: Structure, graph: NeuronGraph, u, grads, exp_avg, exp_avg_sq,
                       params, bc2, adam_scale, time) -> Tensor:
@@ -339,12 +368,17 @@ class LearnedOptimizer(nn.Module):
         return torch.cat([scale, c.max_mix * torch.tanh(out[..., 3:]) * tensor_scales], -1)
 
     def _deltas(self, coefficients: Tensor, structure: Structure, graph: NeuronGraph, u, grads, params,
-                adam_scale) -> list[Tensor]:
+                adam_scale, mix_scale) -> list[Tensor]:
         """Per-neuron coefficients to per-element updates: two or four passes over each weight."""
         correction = coefficients.new_ones(3)
         correction[0::2] = adam_scale  # Adam's bias correction rides on the row and bias scales
         set_scale = (coefficients[..., :3] * correction).split(graph.set_sizes, 1)
-        set_mix = coefficients[..., 3:].split(graph.set_sizes, 1) if coefficients.shape[-1] > 3 else None
+        set_mix = None
+        if coefficients.shape[-1] > 3:
+            mix = coefficients[..., 3:]
+            if isinstance(mix_scale, Tensor) or mix_scale != 1.0:  # late phase; reused coefficients fade too
+                mix = mix * mix_scale
+            set_mix = mix.split(graph.set_sizes, 1)
         B = params[0].shape[0]
         deltas: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
         s = 0  # first neuron set of the chain

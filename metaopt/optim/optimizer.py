@@ -13,7 +13,7 @@ from .checkpoint import DEFAULT_PATH, CheckpointError, load_learned, load_meta_s
 from .learned import LearnedOptimizer, LearnedOptimizerConfig
 from .structure import Structure, infer_structure, structure_from_module
 
-_MOMENTS = ("exp_avg", "exp_avg_sq")
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # the last from the rule's amsgrad_from on
 # the per-neuron coefficients of the last refresh when the learned optimizer reuses them
 # (``refresh_every`` > 1); they describe all neurons, so they live in the state of the first parameter
 _COEFFICIENTS = "neuron_coefficients"
@@ -26,14 +26,20 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _moments_and_direction(learned: LearnedOptimizer, params: list[Tensor], grads: list[Tensor],
                            exp_avg: list[Tensor], exp_avg_sq: list[Tensor], live: tuple[int, ...], step,
-                           structure: Structure, coefficients: Tensor | None) -> tuple[list[Tensor], Tensor]:
+                           structure: Structure, coefficients: Tensor | None,
+                           max_exp_avg_sq: list[Tensor] | None = None) -> tuple[list[Tensor], Tensor]:
     """Update the moments of the ``live`` tensors in place, then the learned direction of every tensor
-    (and the per-neuron coefficients it used: ``coefficients`` if given, else fresh ones)."""
+    (and the per-neuron coefficients it used: ``coefficients`` if given, else fresh ones).
+    ``max_exp_avg_sq`` given (the rule's late phase): it takes the running maximum of the second
+    moment in place, and the direction reads it instead."""
     c = learned.config
     m, v, g = ([t[i] for i in live] for t in (exp_avg, exp_avg_sq, grads))
     torch._foreach_lerp_(m, g, 1 - c.beta1)
     torch._foreach_mul_(v, c.beta2)
     torch._foreach_addcmul_(v, g, g, value=1 - c.beta2)
+    if max_exp_avg_sq is not None:
+        torch._foreach_maximum_([max_exp_avg_sq[i] for i in live], v)
+        exp_avg_sq = max_exp_avg_sq
     return learned.direction_and_coefficients(None, [p[None] for p in params], [gr[None] for gr in grads],
                                               [t[None] for t in exp_avg], [t[None] for t in exp_avg_sq], step,
                                               structure, coefficients)
@@ -164,11 +170,17 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         structure = self.structure()
         # absent after a change of structure: then this step refreshes
         reuse = None if self.learned.refreshes(step) else states[0].get(_COEFFICIENTS)
+        max_exp_avg_sq = None
+        if self.learned.uses_max_second_moment(step):
+            for st in states:
+                if "max_exp_avg_sq" not in st:  # from the first such step on: max(0, v) = v
+                    st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"])
+            max_exp_avg_sq = [st["max_exp_avg_sq"] for st in states]
         compute = self._compiled_direction(device) if self.compile else _moments_and_direction
         deltas, coefficients = compute(self.learned, [_cast(p, torch.float32) for p in params], grads32,
                                   [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                                   tuple(live_idx), self.learned.step_scalars(torch.tensor(step), device)
-                                  if self.compile else step, structure, reuse)
+                                  if self.compile else step, structure, reuse, max_exp_avg_sq)
         if self.learned.config.refresh_every > 1:
             states[0][_COEFFICIENTS] = coefficients
         index = {id(p): i for i, p in enumerate(params)}

@@ -30,6 +30,13 @@ def test_atomic_write_keeps_old_content_when_interrupted(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temp file left behind
 
 
+def test_atomic_write_gives_the_permissions_open_would(tmp_path):
+    # the temp file behind an atomic write is private (0600); the written file must not stay so
+    atomic_write(tmp_path / "atomic.txt", "x")
+    (tmp_path / "plain.txt").write_text("x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+
+
 def test_tensor_file_round_trip_and_tree_encoding(tmp_path):
     tree = {"params": {"w": torch.randn(3, 2), "b": torch.zeros(3)}, "state": [torch.ones(3), (torch.arange(3),)],
             "step": 7, "name": "x", "none": None, "flag": True}

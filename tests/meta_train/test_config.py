@@ -25,6 +25,8 @@ def test_bad_values_name_the_field(tmp_path):
         Config(refresh_every=0)
     with pytest.raises(ConfigError, match="max_mix"):
         Config(max_mix=-0.1)
+    with pytest.raises(ConfigError, match="amsgrad_from"):
+        Config(amsgrad_from=-1)
     (tmp_path / "c.yaml").write_text("sigmaa: 0.1\n")
     with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['sigmaa'\]"):
         Config.from_yaml(tmp_path / "c.yaml")
