@@ -2,13 +2,13 @@
 
     python benchmarks/late_phase.py [--steps 1000] [--seed 0] [--out DIR]
 
-Without its late phase (``mix_decay_from``, ``amsgrad_from``) the shipped rule fits SIRENs to ~1e-7
+Without its late phase (``mix_decay_from``, ``lr_decay_from``) the shipped rule fits SIRENs to ~1e-7
 within its horizon and then is thrown out of the basin (see docs/optimizer.md, "The late phase").
 This trains the suite's SIRENs and a classifier for ``--steps`` steps with the shipped rule, with
 its late phase off or in part, with parts of its metanetwork's output switched off, and with
-``torch.optim.Adam`` at the rule's base lr (its untrained self), with and without AMSGrad.  Every run sees the same init and batches.  Reported per task: the loss around
-step 100 (mean of steps 90-99) and at the end (mean of the last 100 steps); loss curves go to
-``curves.png``.
+``torch.optim.Adam`` at the rule's base lr (its untrained self), with and without AMSGrad.  Every
+run sees the same init and batches.  Reported per task: the loss around step 100 (mean of steps
+90-99) and at the end (mean of the last 100 steps); loss curves go to ``curves.png``.
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ from metaopt import MetaNetOptimizer  # noqa: E402
 TASKS = ("digits SIREN 32x2", "sine SIREN 32x2", "digits CNN 8 relu")
 # metanetwork output columns (metaopt/optim/learned.py): 0-2 log-scales; 3 weight-gradient mix,
 # 4 weight-parameter mix, 5 bias-gradient mix, 6 bias-parameter mix
-LATE_OFF = {"mix_decay_from": None, "amsgrad_from": None}  # the shipped rule before its late phase
+LATE_OFF = {"mix_decay_from": None, "amsgrad_from": None, "lr_decay_from": None}  # the rule before its late phase
 VARIANTS = {
     "shipped default": {},
     "late phase off": {"config": LATE_OFF},
-    "late phase: additive terms fade, no AMSGrad": {"config": {"amsgrad_from": None}},
-    "late phase: AMSGrad, no fade": {"config": {"mix_decay_from": None}},
+    "late phase: additive terms fade, no lr decay": {"config": {"lr_decay_from": None}},
+    "late phase: lr decay, no fade": {"config": {"mix_decay_from": None}},
+    "late phase: fade + AMSGrad from 100, no lr decay": {"config": {"lr_decay_from": None, "amsgrad_from": 100}},
     "late phase off, additive terms off (max_mix=0)": {"config": {**LATE_OFF, "max_mix": 0.0}},
     "late phase off, parameter term off": {"config": LATE_OFF, "zero": (4, 6)},
     "late phase off, gradient term off": {"config": LATE_OFF, "zero": (3, 5)},

@@ -79,6 +79,8 @@ class Config:
                              "(0: off)")
     amsgrad_from: int = _f(0, "late phase: from this inner step on, the second moment is AMSGrad's running "
                            "maximum (0: off)")
+    lr_decay_from: int = _f(0, "late phase: from inner step D = this on, the step size decays as sqrt(D / t) "
+                            "(0: off)")
     # outer optimizer
     outer_lr: float = _f(1e-3, "Adam learning rate for the meta-parameters")
     outer_betas: list = _f([0.9, 0.999], "Adam betas for the meta-parameters")
@@ -114,9 +116,9 @@ class Config:
         if not (self.sigma > 0 and math.isfinite(self.sigma)):
             raise ConfigError(f"sigma must be a positive number, got {self.sigma}")
         if self.clip_grad_norm < 0 or self.eval_every < 0 or self.augment_scale < 0 or not self.max_mix >= 0 \
-                or self.mix_decay_from < 0 or self.amsgrad_from < 0:
-            raise ConfigError("clip_grad_norm, eval_every, augment_scale, max_mix, mix_decay_from and amsgrad_from "
-                              "must be >= 0")
+                or min(self.mix_decay_from, self.amsgrad_from, self.lr_decay_from) < 0:
+            raise ConfigError("clip_grad_norm, eval_every, augment_scale, max_mix, mix_decay_from, amsgrad_from and "
+                              "lr_decay_from must be >= 0")
         if self.augment_scale and self.augment_scale < 1:
             raise ConfigError(f"augment_scale is a factor >= 1 (or 0 to disable), got {self.augment_scale}")
         if any(not (w >= 0 and math.isfinite(w)) for w in self.family_weights) or \

@@ -77,7 +77,8 @@ def learned_optimizer(config: Config, lr: float):
     from metaopt.optim import LearnedOptimizer, LearnedOptimizerConfig
     return LearnedOptimizer(LearnedOptimizerConfig(lr=lr, max_mix=config.max_mix, refresh_every=config.refresh_every,
                                                    mix_decay_from=config.mix_decay_from or None,
-                                                   amsgrad_from=config.amsgrad_from or None))
+                                                   amsgrad_from=config.amsgrad_from or None,
+                                                   lr_decay_from=config.lr_decay_from or None))
 
 
 def _tiny(config: Config, device: torch.device) -> MetaProblem:

@@ -21,9 +21,9 @@ def random_learned(seed=0, scale=0.3, **config):
     return learned
 
 
-# the late phase (additive terms fade from step 2, AMSGrad's second moment from step 3), with a refresh
-# period, so that a few steps cross every switch of the rule
-LATE = {"refresh_every": 2, "mix_decay_from": 2, "amsgrad_from": 3}
+# the late phase (additive terms fade from step 2, AMSGrad's second moment from step 3, the step size
+# decays from step 3), with a refresh period, so that a few steps cross every switch of the rule
+LATE = {"refresh_every": 2, "mix_decay_from": 2, "amsgrad_from": 3, "lr_decay_from": 3}
 
 
 def data(name="mlp3", n=16, seed=0):
@@ -381,7 +381,7 @@ def test_refresh_every_reuses_the_coefficients_in_between():
 
 
 @pytest.mark.parametrize("bad", [{"refresh_every": 0}, {"mix_decay_from": 0}, {"amsgrad_from": 2.5},
-                                 {"amsgrad_from": -1}])
+                                 {"amsgrad_from": -1}, {"lr_decay_from": 0}])
 def test_config_steps_are_checked(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         LearnedOptimizerConfig(**bad)
@@ -401,6 +401,27 @@ def test_late_phase_fades_the_additive_terms(step):
     assert max((a - b).abs().max().item() for a, b in zip(full, scales_only)) > 1e-3  # the terms are there
     for f, s, got in zip(full, scales_only, late):
         torch.testing.assert_close(got, s + fade * (f - s), atol=1e-6, rtol=1e-5)
+
+
+def test_late_phase_lr_decay_is_a_schedule_on_the_group_lr():
+    # untrained, the rule is Adam; with lr_decay_from = 3 it is Adam under the schedule
+    # lr * sqrt(3 / t) from step 4 on, applied to the group's (scheduler-driven) lr
+    torch.manual_seed(0)
+    nets = [mlp(3, 5, 2) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x, y = data(n=8)
+    x = x[:, :3]
+    ours = MetaNetOptimizer(nets[0].parameters(), lr=1e-2, weight_decay=0.1,
+                            learned=LearnedOptimizer(LearnedOptimizerConfig(lr_decay_from=3)))
+    adam = torch.optim.AdamW(nets[1].parameters(), lr=1e-2, weight_decay=0.1)
+    halve = torch.optim.lr_scheduler.StepLR(ours, step_size=4, gamma=0.5)
+    for t in range(1, 10):
+        adam.param_groups[0]["lr"] = 1e-2 * 0.5 ** ((t - 1) // 4) * (1.0 if t <= 3 else (3 / t) ** 0.5)
+        for net, opt in zip(nets, (ours, adam)):
+            train(net, opt, 1, x, y)
+        halve.step()
+    for a, b in zip(*(n.parameters() for n in nets)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_late_phase_second_moment_is_amsgrads():
@@ -472,3 +493,27 @@ def test_compiled_step_matches_eager(config):
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert compiled.state_dict()["state"][0]["step"] == 4
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_fused_moments_match_the_generic_path_with_tensors_left_out(amsgrad):
+    # eager steps get Adam's direction from torch's fused kernel; tensors without a gradient this
+    # step (live leaves them out) keep their moments and still get a direction
+    from metaopt.optim.optimizer import _fused_moments_and_direction, _moments_and_direction
+    torch.manual_seed(0)
+    learned = random_learned()
+    params = [p.detach().clone() for p in mlp(4, 7, 3, 2).parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    state = [[torch.randn_like(p) for p in params], [torch.rand_like(p) for p in params],
+             [torch.rand_like(p) for p in params] if amsgrad else None]
+    copies = [[[t.clone() for t in ts] if ts is not None else None for ts in state] for _ in range(2)]
+    live = (0, 1, 3)
+    structure = learned.structure_for([p.shape for p in params])
+    results = [f(learned, params, grads, c[0], c[1], live, 7, structure, None, c[2])
+               for f, c in zip((_moments_and_direction, _fused_moments_and_direction), copies)]
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for ts_a, ts_b in zip(*copies):
+        for a, b in zip(ts_a or [], ts_b or []):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert torch.equal(copies[1][0][2], state[0][2])  # left out: untouched

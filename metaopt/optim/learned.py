@@ -14,6 +14,8 @@ entering and leaving it, plus time features. Outputs are bounded (tanh) and the 
 at zero, so an untrained optimizer is *exactly* Adam; meta-training can only add to it.
 Everything it reads is a per-tensor-normalised mean over neurons, so the update commutes with
 permutations of any neuron set, and it costs a few elementwise passes over the parameters.
+Beyond the steps meta-training showed it, the config's late phase fades the additive terms and
+decays the step size (``mix_decay_from``, ``lr_decay_from``; see LearnedOptimizerConfig).
 """
 
 from __future__ import annotations
@@ -65,14 +67,16 @@ class LearnedOptimizerConfig:
     # gradients vanish, Adam's second moment collapses with them and the normalised steps throw a
     # converged fit out of its basin (docs/optimizer.md, "late phase"). From step mix_decay_from on,
     # the additive terms fade as mix_decay_from / t; from step amsgrad_from on, the second moment is
-    # AMSGrad's running maximum, so the preconditioner cannot collapse
+    # AMSGrad's running maximum, so the preconditioner cannot collapse; from step lr_decay_from on,
+    # the step size decays as sqrt(lr_decay_from / t), the schedule under which normalised steps converge
     mix_decay_from: int | None = None
     amsgrad_from: int | None = None
+    lr_decay_from: int | None = None
 
     def __post_init__(self):
         if not (isinstance(self.refresh_every, int) and self.refresh_every >= 1):
             raise ValueError(f"refresh_every must be an integer >= 1, got {self.refresh_every!r}")
-        for name in ("mix_decay_from", "amsgrad_from"):
+        for name in ("mix_decay_from", "amsgrad_from", "lr_decay_from"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be None (off) or an integer step >= 1, got {value!r}")
@@ -248,7 +252,7 @@ class LearnedOptimizer(nn.Module):
         ``config.amsgrad_from`` set, the running maximum of the second moment (``"max_exp_avg_sq"``).
         """
         c = self.config
-        lr = c.lr if lr is None else lr
+        lr = (c.lr if lr is None else lr) * self.lr_factor(step)
         exp_avg = [torch.lerp(m, g, 1 - c.beta1) for m, g in zip(state["exp_avg"], grads)]
         exp_avg_sq = [v * c.beta2 + (1 - c.beta2) * g * g for v, g in zip(state["exp_avg_sq"], grads)]
         new_state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
@@ -274,6 +278,11 @@ class LearnedOptimizer(nn.Module):
         """Whether ``step`` (counted from 1) reads AMSGrad's running maximum as its second moment."""
         return self.config.amsgrad_from is not None and int(step) >= self.config.amsgrad_from
 
+    def lr_factor(self, step: int) -> float:
+        """What the late phase multiplies the step size by at ``step`` (counted from 1)."""
+        start = self.config.lr_decay_from
+        return 1.0 if start is None or step <= start else math.sqrt(start / step)
+
     def direction(self, meta_params: dict[str, Tensor] | None, params: Sequence[Tensor], grads: Sequence[Tensor],
                   exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor], step,
                   structure: Structure | None = None) -> list[Tensor]:
@@ -292,8 +301,13 @@ class LearnedOptimizer(nn.Module):
     def direction_and_coefficients(self, meta_params: dict[str, Tensor] | None, params: Sequence[Tensor],
                                    grads: Sequence[Tensor], exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor],
                                    step, structure: Structure | None = None,
-                                   coefficients: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+                                   coefficients: Tensor | None = None,
+                                   adam_direction: Sequence[Tensor] | None = None) -> tuple[list[Tensor], Tensor]:
         """:meth:`direction`, and the per-neuron coefficients ``[B, N, num_coefficients]`` it used.
+
+        ``adam_direction``: Adam's bias-corrected direction ``m_hat / (sqrt(v_hat) + eps)`` of every
+        tensor, when the caller has it already (the optimizer gets it from torch's fused Adam kernel
+        together with the moments); otherwise it is computed here from ``exp_avg`` and ``exp_avg_sq``.
 
         ``coefficients`` given (from an earlier step, see ``config.refresh_every``): reuse them
         instead of running the metanetwork, which skips the neuron statistics too: the part of a
@@ -310,9 +324,12 @@ class LearnedOptimizer(nn.Module):
             raise ValueError(f"reused coefficients have shape {tuple(coefficients.shape)}, this structure needs "
                              f"{(B, graph.num_neurons, self.num_coefficients)}")
         bc2, adam_scale, eps, time, mix_scale = self.step_scalars(step, device)
-        # Adam's direction is adam_scale * m / (sqrt(v) + eps * sqrt(bc2)); adam_scale rides on the
-        # per-neuron scales below, so u costs three passes over the parameters
-        u = [m / (v.sqrt() + eps) for m, v in zip(exp_avg, exp_avg_sq)]
+        if adam_direction is None:
+            # Adam's direction is adam_scale * m / (sqrt(v) + eps * sqrt(bc2)); adam_scale rides on the
+            # per-neuron scales below, so u costs three passes over the parameters
+            u = [m / (v.sqrt() + eps) for m, v in zip(exp_avg, exp_avg_sq)]
+        else:
+            u, adam_scale = list(adam_direction), 1.0
         if coefficients is None:
             coefficients = self._coefficients(meta_params, structure, graph, u, grads, exp_avg, exp_avg_sq, params,
                                               bc2, adam_scale, time)

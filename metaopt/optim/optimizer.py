@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Callable
@@ -31,7 +32,7 @@ def _moments_and_direction(learned: LearnedOptimizer, params: list[Tensor], grad
     """Update the moments of the ``live`` tensors in place, then the learned direction of every tensor
     (and the per-neuron coefficients it used: ``coefficients`` if given, else fresh ones).
     ``max_exp_avg_sq`` given (the rule's late phase): it takes the running maximum of the second
-    moment in place, and the direction reads it instead."""
+    moment in place, and the direction reads it instead. Kernels Inductor can fuse (``compile=True``)."""
     c = learned.config
     m, v, g = ([t[i] for i in live] for t in (exp_avg, exp_avg_sq, grads))
     torch._foreach_lerp_(m, g, 1 - c.beta1)
@@ -43,6 +44,30 @@ def _moments_and_direction(learned: LearnedOptimizer, params: list[Tensor], grad
     return learned.direction_and_coefficients(None, [p[None] for p in params], [gr[None] for gr in grads],
                                               [t[None] for t in exp_avg], [t[None] for t in exp_avg_sq], step,
                                               structure, coefficients)
+
+
+def _fused_moments_and_direction(learned: LearnedOptimizer, params: list[Tensor], grads: list[Tensor],
+                                 exp_avg: list[Tensor], exp_avg_sq: list[Tensor], live: tuple[int, ...], step,
+                                 structure: Structure, coefficients: Tensor | None,
+                                 max_exp_avg_sq: list[Tensor] | None = None) -> tuple[list[Tensor], Tensor]:
+    """:func:`_moments_and_direction` in eager mode: torch's fused Adam kernel updates the moments
+    (and AMSGrad's maximum) and, applied to zeros at lr -1, writes Adam's bias-corrected direction,
+    in one pass over the parameters instead of seven."""
+    c = learned.config
+    second = exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq
+    direction = [torch.zeros_like(t) for t in exp_avg]
+    torch._fused_adam_([direction[i] for i in live], [grads[i] for i in live], [exp_avg[i] for i in live],
+                       [exp_avg_sq[i] for i in live], [] if max_exp_avg_sq is None else [second[i] for i in live],
+                       [torch.tensor(float(step), device=params[0].device)] * len(live),
+                       amsgrad=max_exp_avg_sq is not None, lr=-1.0, beta1=c.beta1, beta2=c.beta2, weight_decay=0.0,
+                       eps=c.eps, maximize=False)
+    if len(live) < len(params):  # tensors without a gradient this step: their moments stand still
+        bc1, bc2 = 1 - c.beta1 ** step, 1 - c.beta2 ** step
+        for i in set(range(len(params))) - set(live):
+            direction[i] = (exp_avg[i] / bc1) / (second[i].sqrt() / math.sqrt(bc2) + c.eps)
+    return learned.direction_and_coefficients(None, [p[None] for p in params], [gr[None] for gr in grads],
+                                              [t[None] for t in exp_avg], [t[None] for t in second], step,
+                                              structure, coefficients, [d[None] for d in direction])
 
 
 class MetaNetOptimizer(torch.optim.Optimizer):
@@ -176,7 +201,10 @@ class MetaNetOptimizer(torch.optim.Optimizer):
                 if "max_exp_avg_sq" not in st:  # from the first such step on: max(0, v) = v
                     st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"])
             max_exp_avg_sq = [st["max_exp_avg_sq"] for st in states]
-        compute = self._compiled_direction(device) if self.compile else _moments_and_direction
+        if self.compile:
+            compute = self._compiled_direction(device)
+        else:  # torch has fused Adam kernels for these devices
+            compute = _fused_moments_and_direction if device.type in ("cpu", "cuda") else _moments_and_direction
         deltas, coefficients = compute(self.learned, [_cast(p, torch.float32) for p in params], grads32,
                                   [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                                   tuple(live_idx), self.learned.step_scalars(torch.tensor(step), device)
@@ -184,8 +212,9 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         if self.learned.config.refresh_every > 1:
             states[0][_COEFFICIENTS] = coefficients
         index = {id(p): i for i, p in enumerate(params)}
+        lr_factor = self.learned.lr_factor(step)
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
+            lr, wd = group["lr"] * lr_factor, group["weight_decay"]
             chosen = [index[id(p)] for p in group["params"] if live[index[id(p)]]]
             targets = [params[i] for i in chosen]
             if not targets:
