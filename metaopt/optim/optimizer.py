@@ -77,7 +77,9 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         params: parameters, named parameters, or parameter groups (each may set ``lr`` and
             ``weight_decay``; weight decay is decoupled, as in AdamW).
         lr: base step size; None takes the lr the learned optimizer was meta-trained with (its
-            ``config.lr``). With an untrained metanetwork the optimizer *is* Adam at this lr.
+            ``config.lr``). With an untrained metanetwork the optimizer *is* Adam at this lr. The
+            rule's late phase (``config.lr_decay_from``; the shipped default: step 100) multiplies
+            each group's lr by sqrt(lr_decay_from / t) from then on, on top of any lr scheduler.
         learned: a :class:`LearnedOptimizer`, a path to a saved one, or None for the shipped default.
         module: the model, for exact weight-space structure; without it the structure is inferred
             from parameter shapes and order (``describe()`` shows what was inferred).
