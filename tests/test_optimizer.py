@@ -497,23 +497,51 @@ def test_compiled_step_matches_eager(config):
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_fused_moments_match_the_generic_path_with_tensors_left_out(amsgrad):
-    # eager steps get Adam's direction from torch's fused kernel; tensors without a gradient this
-    # step (live leaves them out) keep their moments and still get a direction
-    from metaopt.optim.optimizer import _fused_moments_and_direction, _moments_and_direction
+    # eager steps get Adam's direction from torch's fused kernel and apply the per-neuron
+    # coefficients in place, through multipliers cached between refreshes; tensors without a
+    # gradient this step (live leaves them out) keep their moments and still get a direction.
+    # Checked on a refresh and on a later step that reuses its coefficients, with the fade on.
+    from metaopt.optim.optimizer import _moments_and_direction
     torch.manual_seed(0)
-    learned = random_learned()
+    learned = random_learned(mix_decay_from=2)
     params = [p.detach().clone() for p in mlp(4, 7, 3, 2).parameters()]
-    grads = [torch.randn_like(p) for p in params]
+    opt = MetaNetOptimizer([nn.Parameter(p.clone()) for p in params], learned=learned)
     state = [[torch.randn_like(p) for p in params], [torch.rand_like(p) for p in params],
              [torch.rand_like(p) for p in params] if amsgrad else None]
     copies = [[[t.clone() for t in ts] if ts is not None else None for ts in state] for _ in range(2)]
     live = (0, 1, 3)
     structure = learned.structure_for([p.shape for p in params])
-    results = [f(learned, params, grads, c[0], c[1], live, 7, structure, None, c[2])
-               for f, c in zip((_moments_and_direction, _fused_moments_and_direction), copies)]
-    for a, b in zip(results[0][0], results[1][0]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    for ts_a, ts_b in zip(*copies):
-        for a, b in zip(ts_a or [], ts_b or []):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    assert torch.equal(copies[1][0][2], state[0][2])  # left out: untouched
+    coefficients = None
+    for step in (7, 8):
+        grads = [torch.randn_like(p) for p in params]
+        generic, generic_coefficients = _moments_and_direction(learned, params, grads, *copies[0][:2], live, step,
+                                                               structure, coefficients, copies[0][2])
+        states = [{"exp_avg": m, "exp_avg_sq": v} for m, v in zip(*copies[1][:2])]
+        fused, fused_coefficients = opt._fused_deltas(params, grads, states, list(live), step, structure,
+                                                      coefficients, copies[1][2])
+        torch.testing.assert_close(fused_coefficients, generic_coefficients, atol=1e-6, rtol=1e-5)
+        for a, b in zip(generic, fused):
+            torch.testing.assert_close(a[0], b, atol=1e-5, rtol=1e-5)
+        for ts_a, ts_b in zip(*copies):
+            for a, b in zip(ts_a or [], ts_b or []):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert torch.equal(copies[1][0][2], state[0][2])  # left out: untouched
+        coefficients = generic_coefficients
+
+
+def test_gradients_in_another_memory_layout_than_the_parameter():
+    # torch's fused Adam kernel reads memory flat: a contiguous gradient on a channels_last weight
+    # (or the reverse) must not scramble the moments
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    last = nn.Parameter(conv.weight.detach().clone().contiguous(memory_format=torch.channels_last))
+    plain = nn.Parameter(conv.weight.detach().clone())
+    opts = [MetaNetOptimizer([p], learned=random_learned()) for p in (plain, last)]
+    for _ in range(3):
+        g = torch.randn(plain.shape)
+        plain.grad, last.grad = g.clone(), g.clone()  # contiguous gradient on the channels_last weight
+        for opt in opts:
+            opt.step()
+        torch.testing.assert_close(opts[1].state[last]["exp_avg"], opts[0].state[plain]["exp_avg"])
+    torch.testing.assert_close(last, plain)
+    assert last.is_contiguous(memory_format=torch.channels_last)

@@ -48,6 +48,17 @@ class StepScalars(NamedTuple):
     mix_scale: float | Tensor
 
 
+class TensorMultipliers(NamedTuple):
+    """A refresh's per-neuron coefficients spread onto each tensor, in the shape the tensor is read
+    in (``shapes``: weights ``[B, o, i, k]``, biases ``[B, o]``) and ready to broadcast against it:
+    ``delta = u * scale + grad_mix * g + param_mix * p`` (no mixes when ``max_mix`` is 0)."""
+
+    shapes: list[tuple[int, ...]]
+    scale: list[Tensor]
+    grad_mix: list[Tensor] | None
+    param_mix: list[Tensor] | None
+
+
 @dataclass(frozen=True)
 class LearnedOptimizerConfig:
     lr: float = 1e-3  # the base step size it was meta-trained with; MetaNetOptimizer's default
@@ -225,8 +236,7 @@ class LearnedOptimizer(nn.Module):
         step = float(step)
         bc1, bc2 = 1 - c.beta1 ** step, 1 - c.beta2 ** step
         time = torch.tensor([math.tanh(step / t) for t in c.time_scales], device=device)
-        mix_scale = min(1.0, c.mix_decay_from / step) if c.mix_decay_from else 1.0
-        return StepScalars(bc2, math.sqrt(bc2) / bc1, c.eps * math.sqrt(bc2), time, mix_scale)
+        return StepScalars(bc2, math.sqrt(bc2) / bc1, c.eps * math.sqrt(bc2), time, self.mix_factor(step))
 
     # ------------------------------------------------------------------ pure interface
     def init(self, params: Sequence[Tensor]) -> dict[str, list[Tensor]]:
@@ -278,6 +288,11 @@ class LearnedOptimizer(nn.Module):
         """Whether ``step`` (counted from 1) reads AMSGrad's running maximum as its second moment."""
         return self.config.amsgrad_from is not None and int(step) >= self.config.amsgrad_from
 
+    def mix_factor(self, step) -> float:
+        """What the late phase multiplies the additive terms by at ``step`` (counted from 1)."""
+        start = self.config.mix_decay_from
+        return 1.0 if start is None else min(1.0, start / float(step))
+
     def lr_factor(self, step: int) -> float:
         """What the late phase multiplies the step size by at ``step`` (counted from 1)."""
         start = self.config.lr_decay_from
@@ -315,25 +330,43 @@ class LearnedOptimizer(nn.Module):
         and few small ops: per-tensor normalisers are computed for all tensors at once, so the
         fixed cost per step grows slowly with depth.
         """
+        structure, graph, scalars, u, adam_scale = self._prepare(params, exp_avg, exp_avg_sq, step, structure,
+                                                                 adam_direction)
+        B = params[0].shape[0]
+        if coefficients is None:
+            coefficients = self._coefficients(meta_params, structure, graph, u, grads, exp_avg, exp_avg_sq, params,
+                                              scalars.bc2, adam_scale, scalars.time)
+        elif tuple(coefficients.shape) != (B, graph.num_neurons, self.num_coefficients):
+            raise ValueError(f"reused coefficients have shape {tuple(coefficients.shape)}, this structure needs "
+                             f"{(B, graph.num_neurons, self.num_coefficients)}")
+        multipliers = self.tensor_multipliers(coefficients, structure, adam_scale, scalars.mix_scale)
+        return self._deltas(multipliers, u, grads, params), coefficients
+
+    def neuron_coefficients(self, meta_params: dict[str, Tensor] | None, params: Sequence[Tensor],
+                            grads: Sequence[Tensor], exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor], step,
+                            structure: Structure | None = None,
+                            adam_direction: Sequence[Tensor] | None = None) -> Tensor:
+        """Only the metanetwork's part of :meth:`direction_and_coefficients`: the per-neuron
+        coefficients of a refresh, for callers that apply them themselves (the eager optimizer)."""
+        structure, graph, scalars, u, adam_scale = self._prepare(params, exp_avg, exp_avg_sq, step, structure,
+                                                                 adam_direction)
+        return self._coefficients(meta_params, structure, graph, u, grads, exp_avg, exp_avg_sq, params,
+                                  scalars.bc2, adam_scale, scalars.time)
+
+    def _prepare(self, params, exp_avg, exp_avg_sq, step, structure, adam_direction):
+        """The structure, its neuron graph, the step's scalars and Adam's direction ``u`` with the
+        scale still to apply to it (1 when the caller gave ``adam_direction``)."""
         structure = structure or self.structure_for([p.shape[1:] for p in params])
         if structure.num_params != len(params):
             raise ValueError(f"structure describes {structure.num_params} tensors, got {len(params)}")
-        B, device = params[0].shape[0], params[0].device
-        graph = self._graph(structure, device)
-        if coefficients is not None and tuple(coefficients.shape) != (B, graph.num_neurons, self.num_coefficients):
-            raise ValueError(f"reused coefficients have shape {tuple(coefficients.shape)}, this structure needs "
-                             f"{(B, graph.num_neurons, self.num_coefficients)}")
-        bc2, adam_scale, eps, time, mix_scale = self.step_scalars(step, device)
-        if adam_direction is None:
-            # Adam's direction is adam_scale * m / (sqrt(v) + eps * sqrt(bc2)); adam_scale rides on the
-            # per-neuron scales below, so u costs three passes over the parameters
-            u = [m / (v.sqrt() + eps) for m, v in zip(exp_avg, exp_avg_sq)]
-        else:
-            u, adam_scale = list(adam_direction), 1.0
-        if coefficients is None:
-            coefficients = self._coefficients(meta_params, structure, graph, u, grads, exp_avg, exp_avg_sq, params,
-                                              bc2, adam_scale, time)
-        return self._deltas(coefficients, structure, graph, u, grads, params, adam_scale, mix_scale), coefficients
+        graph = self._graph(structure, params[0].device)
+        scalars = self.step_scalars(step, params[0].device)
+        if adam_direction is not None:
+            return structure, graph, scalars, list(adam_direction), 1.0
+        # Adam's direction is adam_scale * m / (sqrt(v) + eps * sqrt(bc2)); adam_scale rides on the
+        # per-neuron scales, so u costs three passes over the parameters
+        u = [m / (v.sqrt() + scalars.eps) for m, v in zip(exp_avg, exp_avg_sq)]
+        return structure, graph, scalars, u, scalars.adam_scale
 
     def _coefficients(self, meta_params, structure: Structure, graph: NeuronGraph, u, grads, exp_avg, exp_avg_sq,
                       params, bc2, adam_scale, time) -> Tensor:
@@ -384,37 +417,59 @@ class LearnedOptimizer(nn.Module):
         tensor_scales = torch.stack([g_scales[..., 0], p_scales[..., 0], g_scales[..., 1], p_scales[..., 1]], -1)
         return torch.cat([scale, c.max_mix * torch.tanh(out[..., 3:]) * tensor_scales], -1)
 
-    def _deltas(self, coefficients: Tensor, structure: Structure, graph: NeuronGraph, u, grads, params,
-                adam_scale, mix_scale) -> list[Tensor]:
-        """Per-neuron coefficients to per-element updates: two or four passes over each weight."""
-        correction = coefficients.new_ones(3)
-        correction[0::2] = adam_scale  # Adam's bias correction rides on the row and bias scales
-        set_scale = (coefficients[..., :3] * correction).split(graph.set_sizes, 1)
-        set_mix = None
-        if coefficients.shape[-1] > 3:
-            mix = coefficients[..., 3:]
-            if isinstance(mix_scale, Tensor) or mix_scale != 1.0:  # late phase; reused coefficients fade too
-                mix = mix * mix_scale
-            set_mix = mix.split(graph.set_sizes, 1)
-        B = params[0].shape[0]
-        deltas: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+    def tensor_multipliers(self, coefficients: Tensor, structure: Structure, adam_scale=1.0,
+                           mix_scale=1.0) -> TensorMultipliers:
+        """Spread per-neuron coefficients ``[B, N, C]`` onto the tensors: a weight's scale is its
+        row neuron's times its column neuron's; the additive terms' coefficients are its rows'.
+        ``adam_scale`` (Adam's bias correction) rides on the row and bias scales; ``mix_scale`` (the
+        late phase's fade) on the additive terms."""
+        graph = self._graph(structure, coefficients.device)
+        C = coefficients.shape[-1]
+        # contiguous planes [B, C, N]: broadcasting a strided slice of [B, N, C] over a weight
+        # defeats vectorisation (measured 2-3x slower per pass on the CPU)
+        planes = coefficients.transpose(1, 2)
+        factors = None
+        if isinstance(adam_scale, Tensor) or adam_scale != 1.0:
+            factors = coefficients.new_ones(C, 1)
+            factors[0:3:2] = adam_scale
+        if C > 3 and (isinstance(mix_scale, Tensor) or mix_scale != 1.0):
+            factors = coefficients.new_ones(C, 1) if factors is None else factors
+            factors[3:] = mix_scale
+        if factors is not None:
+            planes = planes * factors
+        sets = planes.contiguous().split(graph.set_sizes, 2)
+        B, n = coefficients.shape[0], structure.num_params
+        shapes: list = [None] * n
+        scale: list = [None] * n
+        grad_mix: list = [None] * n
+        param_mix: list = [None] * n
         s = 0  # first neuron set of the chain
         for chain in structure.chains:
             for l, layer in enumerate(chain.layers):
-                row_scale, col_scale = set_scale[s + l + 1], set_scale[s + l]
+                rows, cols = sets[s + l + 1], sets[s + l]  # [B, C, o], [B, C, i]
+                o, i, k = layer.view
                 w = layer.weight
-                uw = u[w].reshape(B, *layer.view)
-                d = uw * (row_scale[:, :, 0, None, None] * col_scale[:, None, :, 1, None])
-                if set_mix is not None:
-                    row_mix = set_mix[s + l + 1]
-                    d = torch.addcmul(d, row_mix[..., 0, None, None], grads[w].reshape(uw.shape))
-                    d = torch.addcmul(d, row_mix[..., 1, None, None], params[w].reshape(uw.shape))
-                deltas[w] = d.reshape(params[w].shape)
+                shapes[w] = (B, o, i, k)
+                row = rows.reshape(B, C, o, 1, 1)
+                scale[w] = row[:, 0] * cols[:, 1].reshape(B, 1, i, 1)
+                if C > 3:
+                    grad_mix[w], param_mix[w] = row[:, 3], row[:, 4]
                 if layer.bias is not None:
                     b = layer.bias
-                    db = u[b] * row_scale[..., 2]
-                    if set_mix is not None:
-                        db = db + row_mix[..., 2] * grads[b] + row_mix[..., 3] * params[b]
-                    deltas[b] = db
+                    shapes[b], scale[b] = (B, o), rows[:, 2]
+                    if C > 3:
+                        grad_mix[b], param_mix[b] = rows[:, 5], rows[:, 6]
             s += len(chain.layers) + 1
+        return TensorMultipliers(shapes, scale, grad_mix if C > 3 else None, param_mix if C > 3 else None)
+
+    @staticmethod
+    def _deltas(multipliers: TensorMultipliers, u, grads, params) -> list[Tensor]:
+        """Out of place (differentiable, vmappable): two or four passes over each weight."""
+        deltas = []
+        for t, shape in enumerate(multipliers.shapes):
+            d = u[t].reshape(shape) * multipliers.scale[t]
+            if multipliers.grad_mix is not None:
+                d = torch.addcmul(d, multipliers.grad_mix[t], grads[t].reshape(shape))
+                d = torch.addcmul(d, multipliers.param_mix[t], params[t].reshape(shape))
+            deltas.append(d.reshape(params[t].shape))
         return deltas

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import DEFAULT_PATH, CheckpointError, load_learned, load_meta_state
-from .learned import LearnedOptimizer, LearnedOptimizerConfig
+from .learned import LearnedOptimizer, LearnedOptimizerConfig, TensorMultipliers
 from .structure import Structure, infer_structure, structure_from_module
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # the last from the rule's amsgrad_from on
@@ -44,30 +44,6 @@ def _moments_and_direction(learned: LearnedOptimizer, params: list[Tensor], grad
     return learned.direction_and_coefficients(None, [p[None] for p in params], [gr[None] for gr in grads],
                                               [t[None] for t in exp_avg], [t[None] for t in exp_avg_sq], step,
                                               structure, coefficients)
-
-
-def _fused_moments_and_direction(learned: LearnedOptimizer, params: list[Tensor], grads: list[Tensor],
-                                 exp_avg: list[Tensor], exp_avg_sq: list[Tensor], live: tuple[int, ...], step,
-                                 structure: Structure, coefficients: Tensor | None,
-                                 max_exp_avg_sq: list[Tensor] | None = None) -> tuple[list[Tensor], Tensor]:
-    """:func:`_moments_and_direction` in eager mode: torch's fused Adam kernel updates the moments
-    (and AMSGrad's maximum) and, applied to zeros at lr -1, writes Adam's bias-corrected direction,
-    in one pass over the parameters instead of seven."""
-    c = learned.config
-    second = exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq
-    direction = [torch.zeros_like(t) for t in exp_avg]
-    torch._fused_adam_([direction[i] for i in live], [grads[i] for i in live], [exp_avg[i] for i in live],
-                       [exp_avg_sq[i] for i in live], [] if max_exp_avg_sq is None else [second[i] for i in live],
-                       [torch.tensor(float(step), device=params[0].device)] * len(live),
-                       amsgrad=max_exp_avg_sq is not None, lr=-1.0, beta1=c.beta1, beta2=c.beta2, weight_decay=0.0,
-                       eps=c.eps, maximize=False)
-    if len(live) < len(params):  # tensors without a gradient this step: their moments stand still
-        bc1, bc2 = 1 - c.beta1 ** step, 1 - c.beta2 ** step
-        for i in set(range(len(params))) - set(live):
-            direction[i] = (exp_avg[i] / bc1) / (second[i].sqrt() / math.sqrt(bc2) + c.eps)
-    return learned.direction_and_coefficients(None, [p[None] for p in params], [gr[None] for gr in grads],
-                                              [t[None] for t in exp_avg], [t[None] for t in second], step,
-                                              structure, coefficients, [d[None] for d in direction])
 
 
 class MetaNetOptimizer(torch.optim.Optimizer):
@@ -117,6 +93,9 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         self._warned: set[str] = set()
         self.compile = compile
         self._compiled = None
+        # the last refresh's coefficients and their TensorMultipliers, reused until the next refresh
+        self._multipliers: tuple[Tensor, TensorMultipliers] | None = None
+        self._learned_device: torch.device | None = None
 
     # ------------------------------------------------------------------ structure
     def _params(self) -> list[Tensor]:
@@ -155,6 +134,47 @@ class MetaNetOptimizer(torch.optim.Optimizer):
                                            options={"cpp_wrapper": device.type == "cpu"})
         return self._compiled
 
+    def _fused_deltas(self, params: list[Tensor], grads: list[Tensor], states: list[dict], live: list[int], step: int,
+                      structure: Structure, reuse: Tensor | None,
+                      max_exp_avg_sq: list[Tensor] | None) -> tuple[list[Tensor], Tensor]:
+        """The eager step on CPU and CUDA, as ``_moments_and_direction`` computes it, in few kernels
+        and little Python: torch's fused Adam kernel updates the moments (and AMSGrad's maximum)
+        and, applied to zeros at lr -1, writes Adam's bias-corrected direction into fresh buffers
+        in one pass; the learned scales and additive terms then go into those buffers in place,
+        spread onto the tensors once per refresh (``TensorMultipliers``), not once per step.
+        The kernel reads memory flat: every tensor it gets must be contiguous (the state is)."""
+        c = self.learned.config
+        exp_avg, exp_avg_sq = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        second = exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq
+        direction = [torch.zeros_like(m) for m in exp_avg]
+        torch._fused_adam_([direction[i] for i in live], [grads[i] for i in live], [exp_avg[i] for i in live],
+                           [exp_avg_sq[i] for i in live], [] if max_exp_avg_sq is None else [second[i] for i in live],
+                           [torch.tensor(float(step), device=params[0].device)] * len(live),
+                           amsgrad=max_exp_avg_sq is not None, lr=-1.0, beta1=c.beta1, beta2=c.beta2,
+                           weight_decay=0.0, eps=c.eps, maximize=False)
+        if len(live) < len(params):  # tensors without a gradient this step: their moments stand still
+            bc1, bc2 = 1 - c.beta1 ** step, 1 - c.beta2 ** step
+            for i in set(range(len(params))) - set(live):
+                direction[i] = (exp_avg[i] / bc1) / (second[i].sqrt() / math.sqrt(bc2) + c.eps)
+        coefficients = reuse
+        if coefficients is None:
+            batched = lambda ts: [t[None] for t in ts]  # noqa: E731 (the rule reads a population of one)
+            coefficients = self.learned.neuron_coefficients(None, batched(params), batched(grads), batched(exp_avg),
+                                                            batched(second), step, structure, batched(direction))
+        if self._multipliers is None or self._multipliers[0] is not coefficients:
+            self._multipliers = (coefficients, self.learned.tensor_multipliers(coefficients, structure))
+        multipliers = self._multipliers[1]
+        views = [d.view(shape) for d, shape in zip(direction, multipliers.shapes)]
+        torch._foreach_mul_(views, multipliers.scale)
+        if multipliers.grad_mix is not None:
+            grad_mix, param_mix = multipliers.grad_mix, multipliers.param_mix
+            fade = self.learned.mix_factor(step)
+            if fade != 1.0:
+                grad_mix, param_mix = torch._foreach_mul(grad_mix, fade), torch._foreach_mul(param_mix, fade)
+            torch._foreach_addcmul_(views, [g.reshape(s) for g, s in zip(grads, multipliers.shapes)], grad_mix)
+            torch._foreach_addcmul_(views, [p.reshape(s) for p, s in zip(params, multipliers.shapes)], param_mix)
+        return direction, coefficients
+
     # ------------------------------------------------------------------ step
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
@@ -174,7 +194,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         if any(p.grad.is_sparse for p in params if p.grad is not None):
             raise RuntimeError("MetaNetOptimizer does not support sparse gradients")
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+        norms = torch.stack(torch._foreach_norm(grads))  # of mixed dtypes: promoted
         if not torch.isfinite(norms).all():
             kind = "nan" if torch.isnan(norms).any() else "inf"
             self._warn_once(kind, f"MetaNetOptimizer: {kind} in gradients; skipping this step "
@@ -185,15 +205,18 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         for p, st in zip(params, states):
             if not st:
                 st["step"] = torch.tensor(0.0)
-                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                # contiguous whatever the parameter's layout: the fused kernel reads memory flat
+                st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         live_idx = [i for i, l in enumerate(live) if l]
         step = max(float(states[i]["step"]) for i in live_idx) + 1
         grads32 = [_cast(g, torch.float32) for g in grads]
+        grads32 = [g if g.is_contiguous() else g.contiguous() for g in grads32]  # as the state (channels_last, ...)
         torch._foreach_add_([states[i]["step"] for i in live_idx], 1.0)
         device = params[0].device
-        if next(self.learned.parameters()).device != device:  # Module.to walks every parameter: only on a move
+        if self._learned_device != device:  # Module.to walks every parameter: only on a move
             self.learned.to(device)
+            self._learned_device = device
         structure = self.structure()
         # absent after a change of structure: then this step refreshes
         reuse = None if self.learned.refreshes(step) else states[0].get(_COEFFICIENTS)
@@ -203,14 +226,16 @@ class MetaNetOptimizer(torch.optim.Optimizer):
                 if "max_exp_avg_sq" not in st:  # from the first such step on: max(0, v) = v
                     st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"])
             max_exp_avg_sq = [st["max_exp_avg_sq"] for st in states]
-        if self.compile:
-            compute = self._compiled_direction(device)
-        else:  # torch has fused Adam kernels for these devices
-            compute = _fused_moments_and_direction if device.type in ("cpu", "cuda") else _moments_and_direction
-        deltas, coefficients = compute(self.learned, [_cast(p, torch.float32) for p in params], grads32,
-                                  [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                                  tuple(live_idx), self.learned.step_scalars(torch.tensor(step), device)
-                                  if self.compile else step, structure, reuse, max_exp_avg_sq)
+        params32 = [_cast(p, torch.float32) for p in params]
+        if not self.compile and device.type in ("cpu", "cuda"):  # torch has fused Adam kernels for these
+            deltas, coefficients = self._fused_deltas(params32, grads32, states, live_idx, step, structure, reuse,
+                                                      max_exp_avg_sq)
+        else:
+            compute = self._compiled_direction(device) if self.compile else _moments_and_direction
+            deltas, coefficients = compute(self.learned, params32, grads32, [st["exp_avg"] for st in states],
+                                           [st["exp_avg_sq"] for st in states], tuple(live_idx),
+                                           self.learned.step_scalars(torch.tensor(step), device)
+                                           if self.compile else step, structure, reuse, max_exp_avg_sq)
         if self.learned.config.refresh_every > 1:
             states[0][_COEFFICIENTS] = coefficients
         index = {id(p): i for i, p in enumerate(params)}
@@ -260,9 +285,11 @@ class MetaNetOptimizer(torch.optim.Optimizer):
                     raise CheckpointError(f"optimizer state dict: {_COEFFICIENTS} has shape "
                                           f"{tuple(st[_COEFFICIENTS].shape)}; this model and rule need {need}")
         self.learned = learned.requires_grad_(False)
+        self._learned_device = None
         super().load_state_dict(state_dict)
         # torch.optim casts state to the parameter dtype; ours stays float32 (bf16 resume is exact)
         for idx, st in saved.items():
             for key in (*_MOMENTS, _COEFFICIENTS):
                 if key in st:
-                    self.state[params[idx]][key] = st[key].detach().to(params[idx].device, torch.float32).clone()
+                    self.state[params[idx]][key] = st[key].detach().to(params[idx].device, torch.float32,
+                                                                       memory_format=torch.contiguous_format, copy=True)
