@@ -1,5 +1,6 @@
 import copy
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -371,13 +372,13 @@ def test_refresh_every_reuses_the_coefficients_in_between():
     for _ in range(4):
         train(nets[0], every_step, 1, x, y)
         train(nets[1], every_third, 1, x, y)
-        coefficients.append(every_third.state[nets[1][0].weight]["neuron_coefficients"].clone())
+        coefficients.append(every_third.state[nets[1][0].weight]["neuron_outputs"].clone())
         differ.append(max((a - b).abs().max().item() for a, b in zip(*(n.parameters() for n in nets))))
     assert differ[0] == 0  # step 1 runs the metanetwork in both
     assert differ[1] > 1e-6  # step 2 reuses step 1's coefficients: a different update
     assert torch.equal(coefficients[0], coefficients[1]) and torch.equal(coefficients[1], coefficients[2])
     assert not torch.equal(coefficients[2], coefficients[3])  # step 4 refreshes
-    assert "neuron_coefficients" not in every_step.state[nets[0][0].weight]
+    assert "neuron_outputs" not in every_step.state[nets[0][0].weight]
 
 
 @pytest.mark.parametrize("bad", [{"refresh_every": 0}, {"mix_decay_from": 0}, {"amsgrad_from": 2.5},
@@ -457,11 +458,31 @@ def test_saved_coefficients_of_the_wrong_size_are_rejected():
     opt_a = MetaNetOptimizer(a.parameters(), learned=learned)
     train(a, opt_a, 1, torch.randn(4, 3), torch.randn(4, 1))
     state = opt_a.state_dict()
-    state["state"][0]["neuron_coefficients"] = state["state"][0]["neuron_coefficients"][:, :-1]
+    state["state"][0]["neuron_outputs"] = state["state"][0]["neuron_outputs"][:, :-1]
     opt_a2 = MetaNetOptimizer(a.parameters(), learned=learned)
-    with pytest.raises(CheckpointError, match="neuron_coefficients has shape"):
+    with pytest.raises(CheckpointError, match="neuron_outputs has shape"):
         opt_a2.load_state_dict(state)
     assert not opt_a2.state  # nothing half-loaded
+
+
+def test_coefficients_saved_by_earlier_versions_are_dropped_on_load():
+    # "neuron_coefficients" had the refresh step's 1 / rms of g and p baked into the additive terms:
+    # reused, they are wrong; a state dict carrying them loads without them, and the next step refreshes
+    torch.manual_seed(0)
+    a = mlp(3, 5, 2)
+    learned = random_learned(refresh_every=3)
+    opt = MetaNetOptimizer(a.parameters(), learned=learned)
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    train(a, opt, 1, x, y)
+    state = opt.state_dict()
+    state["state"][0]["neuron_coefficients"] = state["state"][0].pop("neuron_outputs")
+    resumed = MetaNetOptimizer(a.parameters(), learned=learned)
+    resumed.load_state_dict(state)
+    assert not any(k in st for st in resumed.state.values() for k in ("neuron_coefficients", "neuron_outputs"))
+    assert not resumed.learned.refreshes(2)
+    with mock.patch.object(resumed.learned, "neuron_coefficients", wraps=resumed.learned.neuron_coefficients) as run:
+        train(a, resumed, 1, x, y)  # step 2 would reuse; with nothing to reuse it runs the metanetwork
+    assert run.call_count == 1 and "neuron_outputs" in resumed.state[a[0].weight]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

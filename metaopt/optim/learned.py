@@ -135,17 +135,15 @@ def _row_col_means(quantities: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
             torch.stack([q.sum((1, 3)) for q in quantities], -1) * (1 / (o * k)))
 
 
-def _stat_layout(structure: Structure, device) -> tuple[dict[int, int], Tensor, Tensor, Tensor]:
+def _stat_layout(structure: Structure, device) -> tuple[Tensor, Tensor]:
     """Constant tensors to normalise all statistics at once (see ``LearnedOptimizer.direction``).
 
     Stat tensors are numbered in chain order: each layer's weight, then its bias. Returns
-    ``stat_of`` (parameter index -> that number), ``tensor_average`` [T, R], averaging the
-    concatenated per-row stats (R rows) of each tensor, and ``norm_index`` [N, 3 * NUM_STATS], for
-    each neuron's (incoming, bias, outgoing) features the column of the flattened [T, NUM_STATS]
-    normalisers to multiply by (``5T`` = absent, zero), and ``row_tensors`` [N, 2], the stat numbers of
-    the weight and the bias that write each neuron (``T`` = none: input neurons, bias-free layers).
+    ``tensor_average`` [T, R], averaging the concatenated per-row stats (R rows) of each tensor,
+    and ``norm_index`` [N, 3 * NUM_STATS], for each neuron's (incoming, bias, outgoing) features
+    the column of the flattened [T, NUM_STATS] normalisers to multiply by (``5T`` = absent, zero).
     """
-    stat_of, row_sizes, per_neuron, writers = {}, [], [], []
+    stat_of, row_sizes, per_neuron = {}, [], []
     for chain in structure.chains:
         for layer in chain.layers:
             for index in (layer.weight, layer.bias):
@@ -159,7 +157,6 @@ def _stat_layout(structure: Structure, device) -> tuple[dict[int, int], Tensor, 
                        weight_ids[j] if j < len(chain.layers) else None)
             columns = [-1 if t is None else t * NUM_STATS + f for t in sources for f in range(NUM_STATS)]
             per_neuron.append(torch.tensor(columns).expand(n, -1))
-            writers.append(torch.tensor([-1 if t is None else t for t in sources[:2]]).expand(n, -1))
     T = len(row_sizes)
     columns = torch.cat(per_neuron)
     columns = columns.where(columns >= 0, T * NUM_STATS)
@@ -168,8 +165,7 @@ def _stat_layout(structure: Structure, device) -> tuple[dict[int, int], Tensor, 
     for t, n in enumerate(row_sizes):
         average[t, start:start + n] = 1.0 / max(n, 1)  # a zero-element tensor has no rows to average
         start += n
-    writers = torch.cat(writers)
-    return stat_of, average.to(device), columns.to(device), writers.where(writers >= 0, T).to(device)
+    return average.to(device), columns.to(device)
 
 
 class LearnedOptimizer(nn.Module):
@@ -214,7 +210,7 @@ class LearnedOptimizer(nn.Module):
             flags = [[float(j > 0), float(j < len(c.layers)), float(c.lone), *_size_features(c, j)]
                      for c in structure.chains for j, n in enumerate(c.neuron_sizes) for _ in range(n)]
             graph.flags = torch.tensor(flags, device=device)  # [N, NUM_FLAGS]
-            graph.stat_of, graph.tensor_average, graph.norm_index, graph.row_tensors = _stat_layout(structure, device)
+            graph.tensor_average, graph.norm_index = _stat_layout(structure, device)
             self._graphs[key] = graph
         return self._graphs[key]
 
@@ -339,8 +335,24 @@ class LearnedOptimizer(nn.Module):
         elif tuple(coefficients.shape) != (B, graph.num_neurons, self.num_coefficients):
             raise ValueError(f"reused coefficients have shape {tuple(coefficients.shape)}, this structure needs "
                              f"{(B, graph.num_neurons, self.num_coefficients)}")
-        multipliers = self.tensor_multipliers(coefficients, structure, adam_scale, scalars.mix_scale)
+        normalisers = None
+        if self.config.max_mix:
+            sizes = [max(p[0].numel(), 1) for p in params]
+            normalisers = self.mix_normalisers(torch.stack([v.flatten(1).sum(1) for v in exp_avg_sq], 1),
+                                               torch.stack([p.flatten(1).square().sum(1) for p in params], 1),
+                                               sizes, scalars.bc2)
+        multipliers = self.tensor_multipliers(coefficients, structure, adam_scale, scalars.mix_scale, normalisers)
         return self._deltas(multipliers, u, grads, params), coefficients
+
+    @staticmethod
+    def mix_normalisers(v_sums: Tensor, p_square_sums: Tensor, sizes: Sequence[int], bc2) -> tuple[Tensor, Tensor]:
+        """What the additive terms divide g and p by, per tensor ``[B, n]`` from the sums of its
+        second moment and of its p^2: 1 / rms(g) (from Adam's bias-corrected second moment, exact
+        at step 1) and 1 / rms(p). Taken at every step, reused coefficients or not: a tensor that
+        starts at zero (a norm layer's bias) has 1 / rms(p) ~ 1e15 at step 1, harmless then (p = 0)
+        but not once p has moved."""
+        sizes = v_sums.new_tensor(sizes)
+        return (v_sums / sizes + 1e-30).div(bc2).rsqrt(), (p_square_sums / sizes + 1e-30).rsqrt()
 
     def neuron_coefficients(self, meta_params: dict[str, Tensor] | None, params: Sequence[Tensor],
                             grads: Sequence[Tensor], exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor], step,
@@ -372,8 +384,8 @@ class LearnedOptimizer(nn.Module):
                       params, bc2, adam_scale, time) -> Tensor:
         """Run the metanetwork on the neurons' statistics; its outputs as per-neuron multipliers:
         exp(log-scale) of Adam's direction (weight rows, weight columns, bias) and, when ``max_mix``
-        > 0, each additive term's mix times 1 / rms of the tensor it adds (g or p of the weight and
-        of the bias writing the neuron). Everything a later step needs, so a reuse costs no reduction."""
+        > 0, each additive term's mix (g and p of the weight and of the bias writing the neuron).
+        The terms' normalisers 1 / rms are not part of them: every step takes its own (``mix_normalisers``)."""
         c = self.config
         B = params[0].shape[0]
         # Neuron statistics use only tensors Adam already has (plus p^2), reduced along rows and
@@ -411,18 +423,15 @@ class LearnedOptimizer(nn.Module):
         scale = torch.exp(c.max_log_scale * torch.tanh(out[..., :3] / c.max_log_scale))
         if not c.max_mix:
             return scale
-        zero = means.new_zeros(B, 1, 1)  # for neurons that no weight or bias writes
-        g_scales, p_scales = (torch.cat([t, zero], 1)[:, graph.row_tensors, 0]  # [B, N, 2]: weight, bias
-                              for t in (g_scales, means[..., 1:].rsqrt()))
-        tensor_scales = torch.stack([g_scales[..., 0], p_scales[..., 0], g_scales[..., 1], p_scales[..., 1]], -1)
-        return torch.cat([scale, c.max_mix * torch.tanh(out[..., 3:]) * tensor_scales], -1)
+        return torch.cat([scale, c.max_mix * torch.tanh(out[..., 3:])], -1)
 
     def tensor_multipliers(self, coefficients: Tensor, structure: Structure, adam_scale=1.0,
-                           mix_scale=1.0) -> TensorMultipliers:
+                           mix_scale=1.0, normalisers: tuple[Tensor, Tensor] | None = None) -> TensorMultipliers:
         """Spread per-neuron coefficients ``[B, N, C]`` onto the tensors: a weight's scale is its
         row neuron's times its column neuron's; the additive terms' coefficients are its rows'.
         ``adam_scale`` (Adam's bias correction) rides on the row and bias scales; ``mix_scale`` (the
-        late phase's fade) on the additive terms."""
+        late phase's fade) and the step's ``mix_normalisers`` on the additive terms (without them,
+        the caller applies them: the optimizer keeps these multipliers from refresh to refresh)."""
         graph = self._graph(structure, coefficients.device)
         C = coefficients.shape[-1]
         # contiguous planes [B, C, N]: broadcasting a strided slice of [B, N, C] over a weight
@@ -460,7 +469,13 @@ class LearnedOptimizer(nn.Module):
                     if C > 3:
                         grad_mix[b], param_mix[b] = rows[:, 5], rows[:, 6]
             s += len(chain.layers) + 1
-        return TensorMultipliers(shapes, scale, grad_mix if C > 3 else None, param_mix if C > 3 else None)
+        if C <= 3:
+            return TensorMultipliers(shapes, scale, None, None)
+        if normalisers is not None:
+            g_norm, p_norm = normalisers
+            grad_mix = [a * g_norm[:, t].reshape((B,) + (1,) * (a.dim() - 1)) for t, a in enumerate(grad_mix)]
+            param_mix = [a * p_norm[:, t].reshape((B,) + (1,) * (a.dim() - 1)) for t, a in enumerate(param_mix)]
+        return TensorMultipliers(shapes, scale, grad_mix, param_mix)
 
     @staticmethod
     def _deltas(multipliers: TensorMultipliers, u, grads, params) -> list[Tensor]:
