@@ -14,7 +14,8 @@ entering and leaving it, plus time features. Outputs are bounded (tanh) and the 
 at zero, so an untrained optimizer is *exactly* Adam; meta-training can only add to it.
 Everything it reads is a per-tensor-normalised mean over neurons, so the update commutes with
 permutations of any neuron set, and it costs a few elementwise passes over the parameters.
-Beyond the steps meta-training showed it, the config's late phase fades the additive terms and
+With ``refresh_every`` > 1, r, c, a, d come from the last refresh; rms(g) (from v_hat) and rms(W)
+are always this step's. Beyond the steps meta-training showed it, the config's late phase fades the additive terms and
 decays the step size (``mix_decay_from``, ``lr_decay_from``; see LearnedOptimizerConfig).
 """
 
@@ -346,8 +347,8 @@ class LearnedOptimizer(nn.Module):
 
     @staticmethod
     def mix_normalisers(v_sums: Tensor, p_square_sums: Tensor, sizes: Sequence[int], bc2) -> tuple[Tensor, Tensor]:
-        """What the additive terms divide g and p by, per tensor ``[B, n]`` from the sums of its
-        second moment and of its p^2: 1 / rms(g) (from Adam's bias-corrected second moment, exact
+        """What the additive terms divide g and p by, per tensor (``[B, n]``, or ``[n]`` for sums
+        ``[n]``) from the sums of its second moment and of its p^2: 1 / rms(g) (from Adam's bias-corrected second moment, exact
         at step 1) and 1 / rms(p). Taken at every step, reused coefficients or not: a tensor that
         starts at zero (a norm layer's bias) has 1 / rms(p) ~ 1e15 at step 1, harmless then (p = 0)
         but not once p has moved."""
