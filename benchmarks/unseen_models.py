@@ -152,7 +152,8 @@ def main():
     results = {name: {k: summarize([train(name, make, args.steps, s) for s in range(args.seeds)])
                       for k, make in optimizers.items()} for name in MODELS}
     lines = [f"## The shipped default on unseen kinds of models ({args.steps} steps, {args.seeds} seeds)", "",
-             "| model | optimizer | first loss | final loss | highest loss | diverged |", "|---|---|---:|---:|---:|---:|"]
+             "| model | optimizer | first loss | final loss | highest loss | diverged |",
+             "|---|---|---:|---:|---:|---:|"]
     for name, by_opt in results.items():
         for i, (k, r) in enumerate(by_opt.items()):
             lines.append(f"| {name if i == 0 else ''} | {k} | {r['first']:.3g} | {r['final']:.3g} | "

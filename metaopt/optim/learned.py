@@ -348,10 +348,10 @@ class LearnedOptimizer(nn.Module):
     @staticmethod
     def mix_normalisers(v_sums: Tensor, p_square_sums: Tensor, sizes: Sequence[int], bc2) -> tuple[Tensor, Tensor]:
         """What the additive terms divide g and p by, per tensor (``[B, n]``, or ``[n]`` for sums
-        ``[n]``) from the sums of its second moment and of its p^2: 1 / rms(g) (from Adam's bias-corrected second moment, exact
-        at step 1) and 1 / rms(p). Taken at every step, reused coefficients or not: a tensor that
-        starts at zero (a norm layer's bias) has 1 / rms(p) ~ 1e15 at step 1, harmless then (p = 0)
-        but not once p has moved."""
+        ``[n]``) from the sums of its second moment and of its p^2: 1 / rms(g) (from Adam's
+        bias-corrected second moment, exact at step 1) and 1 / rms(p). Taken at every step, reused
+        coefficients or not: a tensor that starts at zero (a norm layer's bias) has 1 / rms(p) ~ 1e15
+        at step 1, harmless then (p = 0) but not once p has moved."""
         sizes = v_sums.new_tensor(sizes)
         return (v_sums / sizes + 1e-30).div(bc2).rsqrt(), (p_square_sums / sizes + 1e-30).rsqrt()
 
