@@ -295,7 +295,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
                     raise CheckpointError(f"optimizer state dict: {_COEFFICIENTS} has shape "
                                           f"{tuple(st[_COEFFICIENTS].shape)}; this model and rule need {need}")
         self.learned = learned.requires_grad_(False)
-        self._learned_device = None
+        self._learned_device, self._multipliers = None, None
         super().load_state_dict(state_dict)
         for st in self.state.values():
             st.pop(_OLD_COEFFICIENTS, None)
