@@ -24,19 +24,20 @@ def test_shipped_default_trains_models_it_was_not_shown(name):
     # this step's: norm-layer biases start at exactly zero, and 1 / rms(p) of step 1 (~1e15),
     # reused at step 2, once threw the transformer, the LSTM and the BatchNorm CNN to losses of
     # 1e28 or NaN
-    moved = []
+    moved, before = [], []  # the largest change of any parameter in each step
 
     def make_optimizer(model):
         opt = MetaNetOptimizer(model.parameters())
         assert opt.learned.config.refresh_every > 1
 
-        def watch(optimizer, args, kwargs):  # largest change of any parameter in each step
+        def snapshot(optimizer, args, kwargs):
+            before[:] = [p.detach().clone() for p in model.parameters()]
+
+        def measure(optimizer, args, kwargs):
             moved.append(max((p - b).abs().max().item() for p, b in zip(model.parameters(), before)))
 
-        before = []
-        opt.register_step_pre_hook(lambda o, a, k: before.__setitem__(slice(None), [
-            p.detach().clone() for p in model.parameters()]))
-        opt.register_step_post_hook(watch)
+        opt.register_step_pre_hook(snapshot)
+        opt.register_step_post_hook(measure)
         return opt
 
     losses = um.train(name, make_optimizer, steps=20, seed=0)
