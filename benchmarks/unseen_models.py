@@ -4,7 +4,7 @@
 
 Meta-training saw MLPs, small CNNs and SIRENs. Users hand the optimizer anything: attention,
 recurrent layers, norm layers whose biases start at exactly zero, tied or scalar parameters,
-deep stacks. Each model here fits a fixed random batch with random labels (pure optimization:
+frozen layers with zero-initialised adapters, parametrized or 3-d weights, deep stacks. Each model here fits a fixed random batch with random labels (pure optimization:
 every optimizer sees the same init and the same batch), with ``MetaNetOptimizer`` at its default
 lr, Adam at 1e-3 and Adam at the default's lr. Reported per model, means over seeds: the first
 loss, the final loss (mean of the last 10% of steps), the highest loss, and the seeds that
@@ -87,6 +87,58 @@ class ScaledByScalar(nn.Module):
         return self.net(x) * self.temperature
 
 
+class LoRAAdapter(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update ``B A`` whose ``B`` starts at zero."""
+
+    def __init__(self, width: int = 16, rank: int = 4):
+        super().__init__()
+        self.base = nn.Linear(10, width).requires_grad_(False)
+        self.lora_a = nn.Parameter(torch.randn(rank, 10) / math.sqrt(10))
+        self.lora_b = nn.Parameter(torch.zeros(width, rank))
+        self.head = nn.Linear(width, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.base(x) + x @ self.lora_a.t() @ self.lora_b.t()))
+
+
+class UnrolledRNNCell(nn.Module):
+    """An RNNCell applied over 5 time steps by hand (the same weights read 5 times)."""
+
+    def __init__(self, width: int = 24):
+        super().__init__()
+        self.cell, self.head, self.width = nn.RNNCell(4, width), nn.Linear(width, CLASSES), width
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.new_zeros(x.shape[0], self.width)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return self.head(h)
+
+
+class BilinearHead(nn.Module):
+    """A bilinear layer (a 3-d weight) reading two views of a hidden layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.bilinear = nn.Linear(10, 8), nn.Bilinear(8, 8, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.bilinear(h, torch.sin(h))
+
+
+def _zero_init_output() -> nn.Module:
+    net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, CLASSES))
+    nn.init.zeros_(net[-1].weight)
+    nn.init.zeros_(net[-1].bias)
+    return net
+
+
+def _weight_norm_mlp() -> nn.Module:
+    weight_norm = nn.utils.parametrizations.weight_norm
+    return nn.Sequential(weight_norm(nn.Linear(10, 32)), nn.Tanh(), weight_norm(nn.Linear(32, CLASSES)))
+
+
 def _deep_tanh(depth: int = 10, width: int = 32) -> nn.Module:
     return nn.Sequential(*[m for i in range(depth) for m in (nn.Linear(10 if i == 0 else width, width), nn.Tanh())],
                          nn.Linear(width, CLASSES))
@@ -110,6 +162,16 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], Ten
     "dilated conv1d": (lambda: nn.Sequential(
         nn.Conv1d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv1d(16, 16, 3, dilation=2), nn.AdaptiveAvgPool1d(1),
         nn.Flatten(), nn.Linear(16, CLASSES)), lambda g: torch.randn(BATCH, 8, 20, generator=g)),
+    "lora adapter (zero-init B)": (LoRAAdapter, lambda g: torch.randn(BATCH, 10, generator=g)),
+    "zero-init output layer": (_zero_init_output, lambda g: torch.randn(BATCH, 10, generator=g)),
+    "weight-norm parametrization": (_weight_norm_mlp, lambda g: torch.randn(BATCH, 10, generator=g)),
+    "bilinear layer": (BilinearHead, lambda g: torch.randn(BATCH, 10, generator=g)),
+    "conv3d + prelu": (lambda: nn.Sequential(
+        nn.Conv3d(2, 4, 3), nn.PReLU(), nn.Conv3d(4, 4, 3, stride=2), nn.PReLU(4), nn.Flatten(),
+        nn.Linear(4, CLASSES)), lambda g: torch.randn(BATCH, 2, 6, 6, 6, generator=g)),
+    "rnn cell, unrolled": (UnrolledRNNCell, lambda g: torch.randn(BATCH, 5, 4, generator=g)),
+    "embedding bag": (lambda: nn.Sequential(nn.EmbeddingBag(40, 16), nn.Linear(16, CLASSES)),
+                      lambda g: torch.randint(0, 40, (BATCH, 6), generator=g)),
     "deep tanh mlp (10 layers)": (_deep_tanh, lambda g: torch.randn(BATCH, 10, generator=g)),
 }
 

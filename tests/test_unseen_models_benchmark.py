@@ -40,7 +40,7 @@ def test_shipped_default_trains_models_it_was_not_shown(name):
         opt.register_step_post_hook(measure)
         return opt
 
-    losses = um.train(name, make_optimizer, steps=20, seed=0)
+    losses = um.train(name, make_optimizer, steps=40, seed=0)
     assert max(moved) < 1.0, f"a step moved a parameter by {max(moved):.3g} (lr 1e-2)"
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0], losses
