@@ -6,7 +6,8 @@ For each model: the whole training iteration (zero_grad, forward, backward, step
 128) and the optimizer step alone, medians over interleaved repetitions (Adam, ours, Adam, ...),
 reported as ours / Adam. A repetition is as many iterations as the metanetwork's refresh period
 (``refresh_every``), timed as a mean, so every number includes the amortised metanetwork cost.
-Timing starts after the rule's late phase has begun (``amsgrad_from``), as in most of a run.
+For a rule with AMSGrad's running maximum (``amsgrad_from``; not the shipped default), timing
+starts after it has begun, as in most of a run.
 Goals: whole iteration <= 1.5x Adam on CPU for 100k+ parameter models, <= 1.2x on GPU for 10M+.
 ``--compile`` measures ``MetaNetOptimizer(compile=True)`` (its first step compiles, tens of
 seconds on a small CPU; the warm-up iterations absorb that). The learned optimizer
@@ -77,7 +78,7 @@ def measure(name, device, reps, batch, learned, compile=False):
 
     # a block is one refresh period: the metanetwork runs once per block, so block means are the
     # amortised cost (a median of single iterations would pick the cheap steps between refreshes).
-    # The warm-up runs into the rule's late phase (its running maximum of v is one more pass): the
+    # With amsgrad_from set, the warm-up runs past it (its running maximum of v is one more pass): the
     # steady state of a training run, not its first steps
     block = learned.config.refresh_every
     for _ in range(max(3, -(-(learned.config.amsgrad_from or 0) // block))):

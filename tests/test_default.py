@@ -96,7 +96,7 @@ def siren_fit(family, seed, steps):
 
 @pytest.mark.slow
 def test_default_stays_in_the_basin_at_10x_its_horizon():
-    # without its late phase (mix_decay_from, amsgrad_from) the shipped rule fitted these SIRENs to
+    # without its late phase (mix_decay_from, lr_decay_from) the shipped rule fitted these SIRENs to
     # ~1e-7 by step 100 and was thrown back to ~0.1, the loss at init, by step ~500 (docs/optimizer.md)
     from tasks import INRFamily
     for family, seed in ((INRFamily(dataset="sine"), 0), (INRFamily(dataset="digits", images=20), 1)):

@@ -29,7 +29,7 @@ def _same(a, b) -> bool:
 
 def test_every_output_off_is_adam_at_the_base_lr():
     # the untrained rule is Adam: with every metanetwork output zeroed by the hook, so is this one
-    # (the shipped late phase's AMSGrad starts later than these steps)
+    # (the shipped late phase, fade from step 30 and lr decay from step 100, starts after these steps)
     assert _same(_one_step({"zero": tuple(range(7))}), _one_step(lp.VARIANTS["Adam at the base lr"]))
 
 
