@@ -51,12 +51,16 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "otherwise, e.g. one thread each on a multi-core CPU) to build one folder together")
 
 
-def _fit_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=_positive_int, default=1000, help="max Adam steps per INR (default 1000)")
-    p.add_argument("--lr", type=_positive_float, default=5e-4, help="Adam learning rate (default 5e-4)")
+def _fit_options(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
+    p.add_argument("--steps", type=_positive_int, default=steps, help=f"max Adam steps per INR (default {steps})")
+    p.add_argument("--lr", type=_positive_float, default=lr, help=f"Adam learning rate (default {lr:g})")
     p.add_argument("--hidden", type=_positive_int, nargs="+", default=[32, 32],
                    help="SIREN hidden widths (default 32 32)")
     p.add_argument("--w0", type=_positive_float, default=30.0, help="SIREN frequency factor (default 30)")
+    p.add_argument("--init", choices=("dwsnets", "sitzmann"), default="dwsnets",
+                   help="SIREN init (tasks.inr): dwsnets = DWSNets' datasets (low first-layer frequencies, zero "
+                        "biases; blurrier fits whose weights are far easier to read), sitzmann = the SIREN paper's "
+                        "(default dwsnets)")
     stop = p.add_mutually_exclusive_group()
     stop.add_argument("--target-psnr", type=_positive_float, default=40.0,
                       help="freeze an INR once its PSNR reaches this many dB (default 40)")
@@ -80,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     inr.add_argument("--limit", type=_positive_int, help="only the first LIMIT images of each split")
     inr.add_argument("--data-dir", help="folder with the Fashion-MNIST idx .gz files "
                                         "(default /usr/share/datasets/fashion-mnist)")
-    _fit_options(inr)
+    _fit_options(inr, steps=1000, lr=5e-4)
     _common(inr)
 
     sine = kinds.add_parser("sine", help="SIRENs fitted to sine waves a sin(b x)",
@@ -91,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
                       help="range of a, uniform (default 0.1 0.5)")
     sine.add_argument("--frequency", type=float, nargs=2, default=[0.5, 10.0], metavar=("LOW", "HIGH"),
                       help="range of b, uniform (default 0.5 10)")
-    _fit_options(sine)
+    _fit_options(sine, steps=1500, lr=1e-3)
     _common(sine)
 
     zoo = kinds.add_parser("zoo", help="CNN classifiers with varied hyperparameters (generalization prediction)",
@@ -122,7 +126,7 @@ def _build(args: argparse.Namespace) -> Path:
     if args.shard_size:
         common["shard_size"] = args.shard_size
     if args.kind in ("inr", "sine"):
-        common.update(steps=args.steps, lr=args.lr, hidden=args.hidden, w0=args.w0,
+        common.update(steps=args.steps, lr=args.lr, hidden=args.hidden, w0=args.w0, init=args.init,
                       target_psnr=None if args.no_early_stop else args.target_psnr)
     if args.kind == "inr":
         return make_data.build_image_inrs(args.out, dataset=args.dataset, views=args.views, limit=args.limit,

@@ -44,7 +44,7 @@ from metaopt.weight_space import spec_from_module
 from .base import Network, Params, Population
 from .classify import NUM_CLASSES, cnn
 from .data import FASHION_MNIST_DIR, digits_split_indices, load_digits, load_fashion_mnist, load_images
-from .inr import INRTask, SirenFit, psnr, siren
+from .inr import SIREN_INITS, INRTask, SirenFit, psnr, siren
 from .weight_data import (RECIPE_FILE, SPLITS, WeightDataError, WeightDataset, existing_shards, shard_index,
                           shard_path)
 
@@ -159,6 +159,8 @@ def _open_folder(out: str | Path, recipe: dict, notes: dict, device: torch.devic
         raise WeightDataError(f"{out} exists and is not a folder")
     if (out / RECIPE_FILE).exists():
         stored = read_recipe(out)
+        if stored.get("builder") in ("image_inrs", "sine_inrs"):
+            stored.setdefault("init", "sitzmann")  # folders built before the init was a recipe option
         if stored != recipe:
             diffs = [f"{k}: folder has {stored.get(k)!r}, this build asks {recipe.get(k)!r}"
                      for k in sorted(set(stored) | set(recipe)) if stored.get(k) != recipe.get(k)]
@@ -337,7 +339,7 @@ _SPLIT_NOTES = {
 
 
 def build_image_inrs(out: str | Path, dataset: str = "fashion_mnist", views: int = 1, steps: int = 1000,
-                     lr: float = 5e-4, hidden: Sequence[int] = (32, 32), w0: float = 30.0,
+                     lr: float = 5e-4, hidden: Sequence[int] = (32, 32), w0: float = 30.0, init: str = "dwsnets",
                      target_psnr: float | None = 40.0, shard_size: int = 256, limit: int | None = None,
                      seed: int = 0, device: str | torch.device | None = None, data_dir: str = FASHION_MNIST_DIR,
                      progress: bool = True, on_shard: OnShard | None = None,
@@ -354,6 +356,8 @@ def build_image_inrs(out: str | Path, dataset: str = "fashion_mnist", views: int
     if views < 1 or steps < 1 or shard_size < 1:
         raise ValueError(f"views, steps and shard_size must be >= 1, got {views}, {steps}, {shard_size}")
     _check_positive(lr=lr, w0=w0)
+    if init not in SIREN_INITS:
+        raise ValueError(f"unknown SIREN init {init!r}; known: {SIREN_INITS}")
     if target_psnr is not None:
         _check_positive(target_psnr=target_psnr)
     if not hidden or min(hidden) < 1:
@@ -362,15 +366,15 @@ def build_image_inrs(out: str | Path, dataset: str = "fashion_mnist", views: int
     device = resolve_device(device)
     source = image_splits(dataset, limit, data_dir)
     recipe = _jsonable({"builder": "image_inrs", "version": 1, "dataset": dataset, "views": views, "steps": steps,
-                        "lr": lr, "hidden": list(hidden), "w0": w0, "target_psnr": target_psnr,
+                        "lr": lr, "hidden": list(hidden), "w0": w0, "init": init, "target_psnr": target_psnr,
                         "shard_size": shard_size, "limit": limit, "seed": seed})
     notes = {"network": "SIREN in=2 (row, col in [-1, 1]), sine hidden layers sin(w0 (Wx + b)), linear output; "
-                        "prediction = output + 0.5; Sitzmann et al. init (tasks.inr)",
+                        "prediction = output + 0.5; init: see tasks.inr (SIREN_INITS)",
              "fit": "full-batch Adam, betas (0.9, 0.999), eps 1e-8, mse over all pixels; a member is frozen at "
                     "the first step its PSNR >= target_psnr",
              "splits": _SPLIT_NOTES["digits" if dataset == "digits" else "fashion_mnist"]}
     out = _open_folder(out, recipe, notes, device)
-    network = siren(2, hidden, 1, w0)
+    network = siren(2, hidden, 1, w0, init)
     n_views = torch.arange(views)
     rows = torch.arange(len(source.labels)).repeat_interleave(views)  # image of each network
     view_of = n_views.repeat(len(source.labels))
@@ -404,9 +408,9 @@ def sine_signal(amplitude: float, frequency: float, points: int = 128) -> Tensor
 
 
 def build_sine_inrs(out: str | Path, n: int = 5000, points: int = 128, amplitude: Sequence[float] = (0.1, 0.5),
-                    frequency: Sequence[float] = (0.5, 10.0), steps: int = 1000, lr: float = 5e-4,
-                    hidden: Sequence[int] = (32, 32), w0: float = 30.0, target_psnr: float | None = 40.0,
-                    shard_size: int = 1000, split_fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
+                    frequency: Sequence[float] = (0.5, 10.0), steps: int = 1500, lr: float = 1e-3,
+                    hidden: Sequence[int] = (32, 32), w0: float = 30.0, init: str = "dwsnets",
+                    target_psnr: float | None = 40.0, shard_size: int = 1000, split_fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
                     device: str | torch.device | None = None, progress: bool = True,
                     on_shard: OnShard | None = None,
                     worker: tuple[int, int] = (0, 1)) -> Path:
@@ -417,12 +421,16 @@ def build_sine_inrs(out: str | Path, n: int = 5000, points: int = 128, amplitude
     where PSNR is meaningful.  Targets for frequency regression (``frequency``) or for
     self-supervised learning (both).  Splits: exact ``split_fractions`` of the waves, by a
     seeded permutation.  Metadata: ``amplitude``, ``frequency``, ``index``, ``split``, ``seed``,
-    ``psnr``, ``steps``.  The fit is that of :func:`build_image_inrs`, with a ``1 -> hidden -> 1`` SIREN.
+    ``psnr``, ``steps``.  The fit is that of :func:`build_image_inrs`, with a ``1 -> hidden -> 1`` SIREN
+    and DWSNets' sine settings (Adam lr 1e-3, up to 1500 steps): with their init, lr 5e-4 leaves
+    many waves unfitted.
     """
     if n < 1 or points < 2 or steps < 1 or shard_size < 1:
         raise ValueError(f"need n >= 1, points >= 2, steps >= 1, shard_size >= 1; got {n}, {points}, {steps}, "
                          f"{shard_size}")
     _check_positive(lr=lr, w0=w0)
+    if init not in SIREN_INITS:
+        raise ValueError(f"unknown SIREN init {init!r}; known: {SIREN_INITS}")
     if target_psnr is not None:
         _check_positive(target_psnr=target_psnr)
     if not hidden or min(hidden) < 1:
@@ -433,14 +441,14 @@ def build_sine_inrs(out: str | Path, n: int = 5000, points: int = 128, amplitude
     device = resolve_device(device)
     recipe = _jsonable({"builder": "sine_inrs", "version": 1, "n": n, "points": points, "amplitude": amplitude,
                         "frequency": frequency, "steps": steps, "lr": lr, "hidden": list(hidden), "w0": w0,
-                        "target_psnr": target_psnr, "shard_size": shard_size, "split_fractions": fractions,
+                        "init": init, "target_psnr": target_psnr, "shard_size": shard_size, "split_fractions": fractions,
                         "seed": seed})
     notes = {"signal": "0.5 + a sin(b x), x = pi u on `points` grid points u in [-1, 1]; the network computes "
                        "a sin(b pi u) (prediction = output + 0.5)",
              "sampling": "a ~ U(amplitude), b ~ U(frequency), from numpy default_rng([seed, 2, index])",
              "fit": "as image_inrs: full-batch Adam, frozen at target_psnr"}
     out = _open_folder(out, recipe, notes, device)
-    network = siren(1, hidden, 1, w0)
+    network = siren(1, hidden, 1, w0, init)
     split = _split_codes(n, fractions, seed)
 
     def make_shard(i: int) -> WeightDataset:
@@ -654,9 +662,9 @@ def network_for(recipe: dict) -> Network:
     ``WeightDataset.weight_space(i).to_modules(...)`` gives runnable ``nn.Module`` s."""
     builder = recipe.get("builder")
     if builder == "image_inrs":
-        return siren(2, recipe["hidden"], 1, recipe["w0"])
+        return siren(2, recipe["hidden"], 1, recipe["w0"], recipe.get("init", "sitzmann"))
     if builder == "sine_inrs":
-        return siren(1, recipe["hidden"], 1, recipe["w0"])
+        return siren(1, recipe["hidden"], 1, recipe["w0"], recipe.get("init", "sitzmann"))
     if builder == "classifier_zoo":
         return cnn(IMAGE_SIZES[recipe["dataset"]], recipe["channels"], NUM_CLASSES)
     raise ValueError(f"unknown dataset builder {builder!r} in recipe")

@@ -150,6 +150,25 @@ def test_other_recipe_in_existing_folder_is_an_error(tmp_path):
         build_image_inrs(out, **{**TINY_INR, "limit": 1})
 
 
+def test_init_is_part_of_the_recipe_and_old_folders_are_sitzmann(tmp_path):
+    new = build_image_inrs(tmp_path / "new", **{**TINY_INR, "limit": 1})
+    assert read_recipe(new)["init"] == "dwsnets" and "dwsnets init" in network_for(read_recipe(new)).name
+    first = WeightDataset.load(new).weights[0]  # 30 Adam steps of 5e-4 move a weight by at most 0.015
+    assert first.shape[0] == 6 and first.abs().max() < math.sqrt(6 / 2) / 30 + 0.02  # Sitzmann's would reach 0.5
+    old = build_image_inrs(tmp_path / "old", **{**TINY_INR, "limit": 1, "init": "sitzmann"})
+    recipe_file = old / RECIPE_FILE
+    stored = json.loads(recipe_file.read_text())
+    del stored["recipe"]["init"]  # as written before init was an option
+    recipe_file.write_text(json.dumps(stored))
+    assert network_for(read_recipe(old)).name == siren(2, (32, 32), 1).name
+    build_image_inrs(old, **{**TINY_INR, "limit": 1, "init": "sitzmann"})  # resumes: same recipe
+    with pytest.raises(WeightDataError, match="init: folder has 'sitzmann', this build asks 'dwsnets'"):
+        build_image_inrs(old, **{**TINY_INR, "limit": 1})
+    with pytest.raises(ValueError, match="unknown SIREN init 'xavier'"):
+        build_image_inrs(tmp_path / "bad", **{**TINY_INR, "init": "xavier"})
+    assert not (tmp_path / "bad").exists()
+
+
 def test_early_stop_keeps_the_weights_of_the_target_step(tmp_path):
     steps, target = 300, 18.0
     d = WeightDataset.load(build_image_inrs(tmp_path / "inr", **{**TINY_INR, "views": 1, "steps": steps,
@@ -230,7 +249,8 @@ def test_sine_inrs(tmp_path):
     assert [int((d.meta["split"] == c).sum()) for c in SPLITS.values()] == [8, 1, 1]
     a, b = d.meta["amplitude"], d.meta["frequency"]
     assert ((0.1 <= a) & (a <= 0.5)).all() and ((0.5 <= b) & (b <= 10)).all() and len(set(b.tolist())) == 10
-    assert (d.meta["psnr"] > 39.99).all() and (d.meta["steps"] < 300).all()  # sines are easy: early stop
+    reached = d.meta["psnr"] > 39.99  # DWSNets' init fits some waves in 300 steps, not all
+    assert 0 < reached.sum() < 10 and (reached == (d.meta["steps"] < 300)).all()  # and only those stopped early
     # the network itself computes a sin(b pi u) on the grid u in [-1, 1]
     u = torch.linspace(-1, 1, 64)[:, None]
     for j in (0, 9):

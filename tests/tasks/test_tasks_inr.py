@@ -73,6 +73,20 @@ def test_fast_gradients_equal_autograd(shape, hidden):
         assert torch.allclose(g.view_as(p), p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max()), name
 
 
+def test_siren_inits():
+    w0, bound = 30.0, math.sqrt(6 / 2) / 30.0
+    dws = siren(2, (32, 32), 1, w0, init="dwsnets").init_params(0)
+    assert dws["0.bias"].abs().max() == 0 and dws["2.bias"].abs().max() == 0  # sine layers start with no phase
+    assert bound / 2 < dws["0.weight"].abs().max() <= bound  # the first layer like the others: low frequencies
+    assert 0 < dws["4.bias"].abs().max() <= 1 / math.sqrt(32)  # the output layer keeps nn.Linear's default
+    assert 1 / math.sqrt(32) / 2 < dws["4.weight"].abs().max() <= 1 / math.sqrt(32)
+    sitz = siren(2, (32, 32), 1, w0).init_params(0)
+    assert 0.25 < sitz["0.weight"].abs().max() <= 0.5 and sitz["0.bias"].abs().max() > 0.3
+    assert "dwsnets init" in siren(2, (8,), init="dwsnets").name and "init" not in siren(2, (8,)).name
+    with pytest.raises(ValueError, match="unknown SIREN init 'xavier'"):
+        siren(2, (8,), init="xavier")
+
+
 def test_fit_inrs_is_adam():
     pop = digits_population(3)
     seeds = [0, 1, 2]
