@@ -44,7 +44,7 @@ from metaopt.weight_space import spec_from_module
 from .base import Network, Params, Population
 from .classify import NUM_CLASSES, cnn
 from .data import FASHION_MNIST_DIR, digits_split_indices, load_digits, load_fashion_mnist, load_images
-from .inr import SIREN_INITS, INRTask, SirenFit, psnr, siren
+from .inr import INRTask, SirenFit, psnr, siren
 from .weight_data import (RECIPE_FILE, SPLITS, WeightDataError, WeightDataset, existing_shards, shard_index,
                           shard_path)
 
@@ -356,8 +356,6 @@ def build_image_inrs(out: str | Path, dataset: str = "fashion_mnist", views: int
     if views < 1 or steps < 1 or shard_size < 1:
         raise ValueError(f"views, steps and shard_size must be >= 1, got {views}, {steps}, {shard_size}")
     _check_positive(lr=lr, w0=w0)
-    if init not in SIREN_INITS:
-        raise ValueError(f"unknown SIREN init {init!r}; known: {SIREN_INITS}")
     if target_psnr is not None:
         _check_positive(target_psnr=target_psnr)
     if not hidden or min(hidden) < 1:
@@ -373,8 +371,8 @@ def build_image_inrs(out: str | Path, dataset: str = "fashion_mnist", views: int
              "fit": "full-batch Adam, betas (0.9, 0.999), eps 1e-8, mse over all pixels; a member is frozen at "
                     "the first step its PSNR >= target_psnr",
              "splits": _SPLIT_NOTES["digits" if dataset == "digits" else "fashion_mnist"]}
+    network = siren(2, hidden, 1, w0, init)  # before the folder: an unknown init writes nothing
     out = _open_folder(out, recipe, notes, device)
-    network = siren(2, hidden, 1, w0, init)
     n_views = torch.arange(views)
     rows = torch.arange(len(source.labels)).repeat_interleave(views)  # image of each network
     view_of = n_views.repeat(len(source.labels))
@@ -410,7 +408,8 @@ def sine_signal(amplitude: float, frequency: float, points: int = 128) -> Tensor
 def build_sine_inrs(out: str | Path, n: int = 5000, points: int = 128, amplitude: Sequence[float] = (0.1, 0.5),
                     frequency: Sequence[float] = (0.5, 10.0), steps: int = 1500, lr: float = 1e-3,
                     hidden: Sequence[int] = (32, 32), w0: float = 30.0, init: str = "dwsnets",
-                    target_psnr: float | None = 40.0, shard_size: int = 1000, split_fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
+                    target_psnr: float | None = 40.0, shard_size: int = 1000,
+                    split_fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
                     device: str | torch.device | None = None, progress: bool = True,
                     on_shard: OnShard | None = None,
                     worker: tuple[int, int] = (0, 1)) -> Path:
@@ -429,8 +428,6 @@ def build_sine_inrs(out: str | Path, n: int = 5000, points: int = 128, amplitude
         raise ValueError(f"need n >= 1, points >= 2, steps >= 1, shard_size >= 1; got {n}, {points}, {steps}, "
                          f"{shard_size}")
     _check_positive(lr=lr, w0=w0)
-    if init not in SIREN_INITS:
-        raise ValueError(f"unknown SIREN init {init!r}; known: {SIREN_INITS}")
     if target_psnr is not None:
         _check_positive(target_psnr=target_psnr)
     if not hidden or min(hidden) < 1:
@@ -447,8 +444,8 @@ def build_sine_inrs(out: str | Path, n: int = 5000, points: int = 128, amplitude
                        "a sin(b pi u) (prediction = output + 0.5)",
              "sampling": "a ~ U(amplitude), b ~ U(frequency), from numpy default_rng([seed, 2, index])",
              "fit": "as image_inrs: full-batch Adam, frozen at target_psnr"}
+    network = siren(1, hidden, 1, w0, init)  # before the folder: an unknown init writes nothing
     out = _open_folder(out, recipe, notes, device)
-    network = siren(1, hidden, 1, w0, init)
     split = _split_codes(n, fractions, seed)
 
     def make_shard(i: int) -> WeightDataset:
