@@ -4,8 +4,9 @@
 
 Meta-training saw MLPs, small CNNs and SIRENs. Users hand the optimizer anything: attention,
 recurrent layers, norm layers whose biases start at exactly zero, tied or scalar parameters,
-frozen layers with zero-initialised adapters, parametrized or 3-d weights, deep stacks. Each model here fits a fixed random batch with random labels (pure optimization:
-every optimizer sees the same init and the same batch), with ``MetaNetOptimizer`` at its default
+frozen layers with zero-initialised adapters, parametrized or 3-d weights, deep stacks. Each
+model here fits a fixed random batch with random labels (pure optimization: every optimizer
+sees the same init and the same batch), with ``MetaNetOptimizer`` at its default
 lr, Adam at 1e-3 and Adam at the default's lr. Reported per model, means over seeds: the first
 loss, the final loss (mean of the last 10% of steps), the highest loss, and the seeds that
 diverged (non-finite, or a final loss above twice the first). Writes ``report.md`` and

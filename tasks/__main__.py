@@ -52,12 +52,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _fit_options(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
+    from .inr import SIREN_INITS
+
     p.add_argument("--steps", type=_positive_int, default=steps, help=f"max Adam steps per INR (default {steps})")
     p.add_argument("--lr", type=_positive_float, default=lr, help=f"Adam learning rate (default {lr:g})")
     p.add_argument("--hidden", type=_positive_int, nargs="+", default=[32, 32],
                    help="SIREN hidden widths (default 32 32)")
     p.add_argument("--w0", type=_positive_float, default=30.0, help="SIREN frequency factor (default 30)")
-    p.add_argument("--init", choices=("dwsnets", "sitzmann"), default="dwsnets",
+    p.add_argument("--init", choices=SIREN_INITS, default="dwsnets",
                    help="SIREN init (tasks.inr): dwsnets = DWSNets' datasets (low first-layer frequencies, zero "
                         "biases; blurrier fits whose weights are far easier to read), sitzmann = the SIREN paper's "
                         "(default dwsnets)")

@@ -438,8 +438,8 @@ def build_sine_inrs(out: str | Path, n: int = 5000, points: int = 128, amplitude
     device = resolve_device(device)
     recipe = _jsonable({"builder": "sine_inrs", "version": 1, "n": n, "points": points, "amplitude": amplitude,
                         "frequency": frequency, "steps": steps, "lr": lr, "hidden": list(hidden), "w0": w0,
-                        "init": init, "target_psnr": target_psnr, "shard_size": shard_size, "split_fractions": fractions,
-                        "seed": seed})
+                        "init": init, "target_psnr": target_psnr, "shard_size": shard_size,
+                        "split_fractions": fractions, "seed": seed})
     notes = {"signal": "0.5 + a sin(b x), x = pi u on `points` grid points u in [-1, 1]; the network computes "
                        "a sin(b pi u) (prediction = output + 0.5)",
              "sampling": "a ~ U(amplitude), b ~ U(frequency), from numpy default_rng([seed, 2, index])",

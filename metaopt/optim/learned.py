@@ -15,8 +15,9 @@ at zero, so an untrained optimizer is *exactly* Adam; meta-training can only add
 Everything it reads is a per-tensor-normalised mean over neurons, so the update commutes with
 permutations of any neuron set, and it costs a few elementwise passes over the parameters.
 With ``refresh_every`` > 1, r, c, a, d come from the last refresh; rms(g) (from v_hat) and rms(W)
-are always this step's. Beyond the steps meta-training showed it, the config's late phase fades the additive terms and
-decays the step size (``mix_decay_from``, ``lr_decay_from``; see LearnedOptimizerConfig).
+are always this step's. Beyond the steps meta-training showed it, the config's late phase fades
+the additive terms and decays the step size (``mix_decay_from``, ``lr_decay_from``; see
+LearnedOptimizerConfig).
 """
 
 from __future__ import annotations
