@@ -98,28 +98,29 @@ class _InvariantNet(nn.Module):
 
 
 class InvariantNFN(_InvariantNet):
-    """NP trunk, mean pooling over all neurons, MLP head: [B, out_features]."""
+    """NP trunk, pooling over all neurons (mean, or mean and max), MLP head: [B, out_features]."""
 
     def __init__(self, spec: WeightSpaceSpec, in_channels: int = 1, out_features: int = 1,
                  hidden_channels: int = 32, num_layers: int = 3, io_embed: bool = True,
                  head_hidden: int = 256, head_layers: int = 2, activation: str = "relu", dropout: float = 0.0,
-                 norm: bool = False):
+                 norm: bool = False, pooling: str = "mean"):
         trunk = NFN(spec, in_channels, hidden_channels, hidden_channels, num_layers, io_embed, activation,
                     dropout, norm)
-        super().__init__(trunk, InvariantPool(spec), out_features, head_hidden, head_layers, activation, dropout)
+        super().__init__(trunk, InvariantPool(spec, pooling=pooling), out_features, head_hidden, head_layers,
+                         activation, dropout)
 
 
 class InvariantDWSNet(_InvariantNet):
-    """DWS trunk, pooling over hidden neurons (input/output positions kept), MLP head."""
+    """DWS trunk, pooling over hidden neurons (input/output positions kept; mean, or mean and max), MLP head."""
 
     def __init__(self, spec: WeightSpaceSpec, in_channels: int = 1, out_features: int = 1,
                  hidden_channels: int = 32, num_layers: int = 3, max_dense_io: int | None = 8,
                  head_hidden: int = 256, head_layers: int = 2, activation: str = "relu", dropout: float = 0.0,
-                 norm: bool = False):
+                 norm: bool = False, pooling: str = "mean"):
         trunk = DWSNet(spec, in_channels, hidden_channels, hidden_channels, num_layers, max_dense_io, activation,
                        dropout, norm)
-        super().__init__(trunk, InvariantPool(spec, keep_io=True), out_features, head_hidden, head_layers,
-                         activation, dropout)
+        super().__init__(trunk, InvariantPool(spec, keep_io=True, pooling=pooling), out_features, head_hidden,
+                         head_layers, activation, dropout)
 
 
 # --------------------------------------------------------------------------- baselines

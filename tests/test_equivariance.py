@@ -27,6 +27,9 @@ INVARIANT = {
     "deepsets": lambda s, c: DeepSets(s, c, 3),
     "pool_np": lambda s, c: InvariantPool(s),
     "pool_dws": lambda s, c: InvariantPool(s, keep_io=True),
+    "pool_np_meanmax": lambda s, c: InvariantPool(s, pooling="meanmax"),
+    "pool_dws_meanmax": lambda s, c: InvariantPool(s, keep_io=True, pooling="meanmax"),
+    "inv_dwsnet_meanmax": lambda s, c: InvariantDWSNet(s, c, 3, hidden_channels=6, pooling="meanmax"),
 }
 TOL = 2e-5  # float32: a few ulps of the largest activations
 
@@ -74,7 +77,7 @@ def test_equivariant_layers_see_uncoupled_permutations(arch, kind):
 
 
 # (StatNN and DeepSets read per-tensor statistics: blind to coupling by design, the weaker baselines.)
-@pytest.mark.parametrize("kind", ["inv_nfn", "inv_dwsnet"])
+@pytest.mark.parametrize("kind", ["inv_nfn", "inv_dwsnet", "inv_dwsnet_meanmax"])
 @pytest.mark.parametrize("arch", ["mlp3", "cnn2d_gap"])
 def test_invariant_models_see_uncoupled_permutations(kind, arch):
     ws = batch(arch, n=2)
@@ -82,6 +85,26 @@ def test_invariant_models_see_uncoupled_permutations(kind, arch):
     model = INVARIANT[kind](ws.spec, 1)
     out = model(ws)
     assert max_diff(model(uncoupled(ws, 0)), out) > 1e-3 * out.abs().max().item()
+
+
+@pytest.mark.parametrize("keep_io", [False, True])
+def test_meanmax_pooling_appends_the_maxima(keep_io):
+    ws = batch("mlp4", n=3, channels=2)
+    mean = InvariantPool(ws.spec, keep_io=keep_io)(ws)
+    both = InvariantPool(ws.spec, keep_io=keep_io, pooling="meanmax")(ws)
+    assert both.shape == (3, 2 * mean.shape[1]) and torch.equal(both[:, :mean.shape[1]], mean)
+    if not keep_io:  # every axis pooled: the max part holds each tensor's per-channel maximum, in order
+        maxima = torch.cat([t.flatten(2).amax(-1) for t in ws.tensors()], 1)
+        assert torch.equal(both[:, mean.shape[1]:], maxima)
+    bumped = ws.map(lambda t: t.clone())
+    bumped.weights[1][0, 0, 0, 0] += 100.0  # one large hidden weight: the maximum sees it at once
+    assert (InvariantPool(ws.spec, keep_io=keep_io, pooling="meanmax")(bumped)[0, mean.shape[1]:]
+            - both[0, mean.shape[1]:]).abs().max() > 50
+
+
+def test_unknown_pooling_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown pooling 'median'"):
+        InvariantPool(batch("mlp3", n=1).spec, pooling="median")
 
 
 @pytest.mark.parametrize("kind", ["np_io_embed", "dws_dense", "dws_embedded"])

@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from metaopt.layers import POOLINGS
 from tasks.data import FASHION_MNIST_DIR
 
 from .edit import EDITORS
@@ -76,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("edit", 50), ("adapt", 20)):
         sp = sub.add_parser(name, help=TASKS[name])
         _add_common(sp, default_epochs)
+        if name in ("classify", "regress", "generalization", "embed"):
+            sp.add_argument("--pooling", choices=POOLINGS, default="mean",
+                            help="invariant pooling of ours/ours_np: mean, or mean and max over hidden neurons "
+                                 "(default mean)")
+        if name in ("classify", "regress"):
+            sp.add_argument("--sign-flips", action="store_true",
+                            help="also flip the signs of random hidden sine neurons in training batches (an exact "
+                                 "SIREN symmetry that invariant models lack; SIREN datasets only)")
         if name == "regress":
             sp.add_argument("--target", default="frequency", help="metadata column to regress")
         if name == "classify":
@@ -173,10 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.threads:
             torch.set_num_threads(args.threads)
-        model_cfg = ModelConfig(args.hidden_channels, args.num_layers, args.head_hidden, args.dropout)
+        model_cfg = ModelConfig(args.hidden_channels, args.num_layers, args.head_hidden, args.dropout,
+                                getattr(args, "pooling", "mean"))
         train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                 weight_decay=args.weight_decay, patience=args.patience, augment=not args.no_augment,
-                                seed=args.seed, device=args.device, progress=not args.no_progress)
+                                sign_flips=getattr(args, "sign_flips", False), seed=args.seed, device=args.device,
+                                progress=not args.no_progress)
         command = "python -m meta_train.standalone " + shlex.join(argv)
         models = args.models or ",".join({"edit": EDIT_DEFAULT, "adapt": EDITORS}.get(args.task, DEFAULT_MODELS))
         if args.task == "adapt":

@@ -148,6 +148,7 @@ class ModelConfig:
     num_layers: int = 3  # equivariant layers in the trunk
     head_hidden: int = 128  # MLP heads and the flat/stat MLP widths
     dropout: float = 0.0
+    pooling: str = "mean"  # invariant pooling of ours/ours_np: "mean" or "meanmax" (metaopt.layers.InvariantPool)
 
 
 def parse_models(text: str | Sequence[str]) -> list[str]:
@@ -231,10 +232,10 @@ def build_model(name: str, spec: WeightSpaceSpec, out_features: int, cfg: ModelC
     h, L = cfg.hidden_channels, cfg.num_layers
     if name == "ours":
         return InvariantDWSNet(spec, 1, out_features, hidden_channels=h, num_layers=L, head_hidden=cfg.head_hidden,
-                               dropout=cfg.dropout)
+                               dropout=cfg.dropout, pooling=cfg.pooling)
     if name == "ours_np":
         return InvariantNFN(spec, 1, out_features, hidden_channels=h, num_layers=L, head_hidden=cfg.head_hidden,
-                            dropout=cfg.dropout)
+                            dropout=cfg.dropout, pooling=cfg.pooling)
     if name == "nfn":
         return NFNInvariant(spec, out_features, h, L, cfg.head_hidden, cfg.dropout)
     if name == "flat":
@@ -259,6 +260,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     patience: int = 0  # stop after this many epochs without a better val score (0: never stop early)
     augment: bool = True  # random hidden permutations of every training batch
+    sign_flips: bool = False  # and random sign flips of hidden sine neurons (SIREN data only; supervised tasks)
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -274,6 +276,31 @@ def augment_batch(ws: WeightSpace, generator: torch.Generator) -> WeightSpace:
     if not ws.spec.hidden_sizes:
         return ws
     return ws.permute_hidden(random_hidden_perms(ws.spec, generator, batch_size=ws.batch_size))
+
+
+def sign_flip_transform(splits: Splits, permute: bool = True
+                        ) -> Callable[[WeightSpace, torch.Generator], WeightSpace]:
+    """Training-batch augmentation for SIREN data: each hidden sine neuron flips sign with probability
+    1/2 (exact, since sine is odd; see :mod:`.augment`), then hidden permutations when ``permute``.
+
+    Why: an invariant model is blind to permutations, so they add nothing for it; sign flips are a
+    symmetry it does *not* have built in, so each flip shows it a new network with the same label.
+    The flips act on raw weights (normalization subtracts per-tensor means, so a flip of normalized
+    values would not be exact). Bias shifts by ``k pi / w0``, the other SIREN symmetry, are left out:
+    they move trained biases far outside the range the test networks have.
+    """
+    from .augment import sign_flip
+
+    if recorded(splits, "w0") is None:
+        raise StandaloneError("sign flips are an exact symmetry of SIRENs only (odd sine activations), and this "
+                              "dataset records no w0: it is not a SIREN dataset")
+    norm = splits.normalizer
+
+    def transform(ws: WeightSpace, generator: torch.Generator) -> WeightSpace:
+        ws = norm(sign_flip(norm.inverse(ws), generator))
+        return augment_batch(ws, generator) if permute else ws
+
+    return transform
 
 
 def train_model(model: nn.Module, train: WeightSpace, loss_fn: LossFn, val_score: ScoreFn, cfg: TrainConfig,
@@ -435,6 +462,7 @@ def run_supervised(objective: Objective, data: str | Path | WeightDataset, out: 
     splits = load_splits(data, [objective.column], device)
     out_features = objective.setup(splits)
     targets = {s: objective.targets(splits, s).to(device) for s in ("train", "val", "test")}
+    transform = sign_flip_transform(splits, train_cfg.augment) if train_cfg.sign_flips else None
     sign = 1.0 if objective.higher_is_better else -1.0
     rows = []
     for name in models:
@@ -449,7 +477,7 @@ def run_supervised(objective: Objective, data: str | Path | WeightDataset, out: 
                                            targets["val"])[objective.metric]
 
         summary = train_model(model, splits.train, loss_fn, val_score, train_cfg, name=f"{objective.task}/{name}",
-                              logdir=Path(out) / "tb" / name)
+                              logdir=Path(out) / "tb" / name, transform=transform)
         test = objective.scores(predict(model, splits.test, train_cfg.eval_batch_size), targets["test"])
         rows.append({"model": name, **{f"test_{k}": v for k, v in test.items()},
                      f"val_{objective.metric}": sign * summary["best_val_score"], "params": count_params(model),

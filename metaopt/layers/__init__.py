@@ -5,7 +5,7 @@ from .dws import DWSLinear, HNPLinear
 from .norm import WeightSpaceNorm
 from .np import NPLinear
 from .pointwise import ChannelDropout, Elementwise
-from .pooling import InvariantPool
+from .pooling import POOLINGS, InvariantPool
 
-__all__ = ["EquivariantLinear", "NeuronLayout", "NPLinear", "DWSLinear", "HNPLinear", "InvariantPool",
+__all__ = ["EquivariantLinear", "NeuronLayout", "NPLinear", "DWSLinear", "HNPLinear", "InvariantPool", "POOLINGS",
            "Elementwise", "ChannelDropout", "WeightSpaceNorm"]

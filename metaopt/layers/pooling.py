@@ -8,21 +8,34 @@ from torch import Tensor, nn
 from ..weight_space import WeightSpace, WeightSpaceSpec
 from .base import NeuronLayout
 
+POOLINGS = ("mean", "meanmax")
+
 
 class InvariantPool(nn.Module):
     """Mean of every tensor over its permutable axes, concatenated: [B, out_features(channels)].
 
     ``keep_io=True`` (for DWS models) keeps the input/output neuron axes instead of averaging
-    them away, since those neurons are not interchangeable.
+    them away, since those neurons are not interchangeable.  ``pooling="meanmax"`` appends the
+    maximum over the same axes (DWSNets pools with max): a mean cannot single out the largest
+    neuron, which is what properties such as an INR's highest frequency depend on.
     """
 
-    def __init__(self, spec: WeightSpaceSpec, keep_io: bool = False):
+    def __init__(self, spec: WeightSpaceSpec, keep_io: bool = False, pooling: str = "mean"):
         super().__init__()
-        self.spec = spec
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
+        self.spec, self.pooling = spec, pooling
         self.layout = NeuronLayout(spec, fold_sets=(0, spec.num_layers) if keep_io else ())
 
     def out_features(self, channels: int) -> int:
-        return self.layout.global_dim(channels)
+        return self.layout.global_dim(channels) * (2 if self.pooling == "meanmax" else 1)
 
     def forward(self, ws: WeightSpace) -> Tensor:
-        return torch.cat([self.layout.pool(x) for x in self.layout.fold(ws)], 1)
+        xs = self.layout.fold(ws)
+        pooled = [self.layout.pool(x) for x in xs]
+        if self.pooling == "meanmax":
+            pooled += [x.amax(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x for x in xs]
+        return torch.cat(pooled, 1)
+
+    def extra_repr(self) -> str:
+        return f"pooling={self.pooling!r}"

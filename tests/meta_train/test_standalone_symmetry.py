@@ -194,3 +194,44 @@ def test_editors_are_equivariant_and_see_uncoupled_permutations(arch, name):
                         for a, b in zip(editor(_uncoupled(ws, None)).tensors(), _uncoupled(out, None).tensors()))
     assert equivariance < 1e-5 * max(1.0, scale)
     assert uncoupled > 1e-4 * scale
+
+
+def _siren_splits(nets):
+    from meta_train.standalone.harness import load_splits
+    from meta_train.standalone.smalldata import split_column
+
+    ws = WeightSpace.from_modules(nets)
+    n = ws.batch_size
+    ds = WeightDataset(ws.spec, [w[:, 0] + 0.3 for w in ws.weights], [b[:, 0] - 0.2 for b in ws.biases],
+                       {"split": split_column(n - 2, 1, 1)}, {"w0": W0})
+    return load_splits(ds, []), ds
+
+
+def test_sign_flip_training_augmentation_is_exact_in_raw_units():
+    """The flips act on raw weights: a flip of normalized values would not be a symmetry once the
+    normalizer has subtracted a per-tensor mean (the +0.3/-0.2 offsets make those means far from 0)."""
+    from meta_train.standalone.harness import sign_flip_transform
+
+    nets = _sirens(n=6)
+    splits, ds = _siren_splits(nets)
+    out = sign_flip_transform(splits)(splits.train, torch.Generator().manual_seed(0))
+    changed = max((a - b).abs().max().item() for a, b in zip(out.tensors(), splits.train.tensors()))
+    assert changed > 1e-2
+    coords = torch.rand(100, 2) * 2 - 1
+    with torch.no_grad():
+        before = _render(splits.normalizer.inverse(splits.train), nets[0], coords)
+        after = _render(splits.normalizer.inverse(out), nets[0], coords)
+    assert (before - after).abs().max().item() < 1e-4 * max(1.0, before.abs().max().item())
+    naive = splits.normalizer(splits.normalizer.inverse(splits.train))  # ...but flipping normalized values breaks it
+    naive = augment.sign_flip(naive, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (_render(splits.normalizer.inverse(naive), nets[0], coords) - before).abs().max() > 1e-3
+
+
+def test_sign_flips_need_a_siren_dataset():
+    from meta_train.standalone.harness import StandaloneError, sign_flip_transform
+
+    splits, ds = _siren_splits(_sirens(n=4))
+    splits.info.pop("w0")
+    with pytest.raises(StandaloneError, match="not a SIREN dataset"):
+        sign_flip_transform(splits)

@@ -66,6 +66,22 @@ def test_task_end_to_end(task, fixture, metric, request, tmp_path):
     assert payload["reference"]
 
 
+def test_meanmax_pooling_and_sign_flips_from_the_command_line(digits_dir, zoo_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["classify", "--data", str(digits_dir), "--out", str(out), "--models", "ours,ours_np,flat",
+                 "--pooling", "meanmax", "--sign-flips", *FAST]) == 0
+    payload, _ = _results(out)
+    assert payload["model_config"]["pooling"] == "meanmax" and payload["train_config"]["sign_flips"] is True
+    assert all(math.isfinite(r["test_accuracy"]) for r in payload["rows"])
+    mean_rows = run_supervised(Classification(), str(digits_dir), tmp_path / "mean", ["ours"],
+                               ModelConfig(hidden_channels=4, num_layers=2, head_hidden=16),
+                               TrainConfig(epochs=1, progress=False))
+    assert payload["rows"][0]["params"] > mean_rows[0]["params"]  # the max half widens the head's input
+    assert main(["regress", "--data", str(zoo_dir), "--out", str(tmp_path / "z"), "--target", "test_accuracy",
+                 "--sign-flips", *FAST]) == 2
+    assert "not a SIREN dataset" in capsys.readouterr().err
+
+
 def test_results_tables_are_rewritten_whole(digits_dir, tmp_path):
     out = tmp_path / "out"
     (out).mkdir()
