@@ -92,9 +92,10 @@ def parser() -> argparse.ArgumentParser:
     sine = kinds.add_parser("sine", help="SIRENs fitted to sine waves a sin(b x)",
                             description="Fit a 1-D SIREN to each of N waves a sin(b x), x in [-pi, pi].")
     sine.add_argument("--n", type=_positive_int, default=5000, help="number of waves (default 5000)")
-    sine.add_argument("--points", type=_positive_int, default=128, help="grid points per wave (default 128)")
-    sine.add_argument("--amplitude", type=float, nargs=2, default=[0.1, 0.5], metavar=("LOW", "HIGH"),
-                      help="range of a, uniform (default 0.1 0.5)")
+    sine.add_argument("--points", type=_positive_int, default=256, help="grid points per wave (default 256)")
+    sine.add_argument("--amplitude", type=float, nargs=2, default=[1.0, 1.0], metavar=("LOW", "HIGH"),
+                      help="range of a, uniform (default 1 1: pure sin(b x), DWSNets' frequency-regression data; "
+                           "give a range for self-supervised data)")
     sine.add_argument("--frequency", type=float, nargs=2, default=[0.5, 10.0], metavar=("LOW", "HIGH"),
                       help="range of b, uniform (default 0.5 10)")
     _fit_options(sine, steps=1500, lr=1e-3)

@@ -405,7 +405,7 @@ def sine_signal(amplitude: float, frequency: float, points: int = 128) -> Tensor
     return (0.5 + amplitude * torch.sin(frequency * x)).float()
 
 
-def build_sine_inrs(out: str | Path, n: int = 5000, points: int = 128, amplitude: Sequence[float] = (0.1, 0.5),
+def build_sine_inrs(out: str | Path, n: int = 5000, points: int = 256, amplitude: Sequence[float] = (1.0, 1.0),
                     frequency: Sequence[float] = (0.5, 10.0), steps: int = 1500, lr: float = 1e-3,
                     hidden: Sequence[int] = (32, 32), w0: float = 30.0, init: str = "dwsnets",
                     target_psnr: float | None = 40.0, shard_size: int = 1000,
@@ -416,9 +416,10 @@ def build_sine_inrs(out: str | Path, n: int = 5000, points: int = 128, amplitude
     """Fit 1-D SIRENs to ``n`` waves ``a sin(b x)`` (see :func:`sine_signal`) into a dataset folder.
 
     Wave ``i`` draws ``a`` and ``b`` uniformly from the ``amplitude`` and ``frequency`` ranges
-    (generator ``[seed, 2, i]``); keep ``amplitude`` within (0, 0.5] so signals stay in [0, 1],
-    where PSNR is meaningful.  Targets for frequency regression (``frequency``) or for
-    self-supervised learning (both).  Splits: exact ``split_fractions`` of the waves, by a
+    (generator ``[seed, 2, i]``).  The default ``a = 1`` is DWSNets' frequency-regression data
+    (``sin(b x)``); a range of ``a`` gives self-supervised data.  PSNR is measured against a peak
+    of 1, so the 40 dB early stop is an MSE of 1e-4, DWSNets' early-stop loss for sine INRs.
+    Targets for frequency regression (``frequency``) or for self-supervised learning (both).  Splits: exact ``split_fractions`` of the waves, by a
     seeded permutation.  Metadata: ``amplitude``, ``frequency``, ``index``, ``split``, ``seed``,
     ``psnr``, ``steps``.  The fit is that of :func:`build_image_inrs`, with a ``1 -> hidden -> 1`` SIREN
     and DWSNets' sine settings (Adam lr 1e-3, up to 1500 steps): with their init, lr 5e-4 leaves

@@ -242,7 +242,8 @@ def test_gpu_fit_matches_cpu(tmp_path):
 
 
 def test_sine_inrs(tmp_path):
-    out = build_sine_inrs(tmp_path / "sine", n=10, points=64, steps=300, shard_size=4, progress=False)
+    out = build_sine_inrs(tmp_path / "sine", n=10, points=64, amplitude=(0.1, 0.5), steps=300, shard_size=4,
+                          progress=False)
     d = WeightDataset.load(out)
     assert len(d) == 10 and len(existing_shards(out)) == 3
     assert [tuple(w.shape) for w in d.weights] == [(10, 32, 1), (10, 32, 32), (10, 1, 32)]
@@ -259,7 +260,8 @@ def test_sine_inrs(tmp_path):
         target = sine_signal(float(a[j]), float(b[j]), 64) - 0.5
         assert torch.allclose(target, a[j] * torch.sin(b[j] * math.pi * u[:, 0]), atol=1e-5)
         assert psnr((wave - target).square().mean()).item() == pytest.approx(d.meta["psnr"][j].item(), abs=1e-2)
-    again = build_sine_inrs(tmp_path / "again", n=10, points=64, steps=300, shard_size=4, progress=False)
+    again = build_sine_inrs(tmp_path / "again", n=10, points=64, amplitude=(0.1, 0.5), steps=300, shard_size=4,
+                            progress=False)
     assert same_data(again, out)
     with pytest.raises(ValueError, match="amplitude must be a range"):
         build_sine_inrs(tmp_path / "bad", amplitude=(0.5, 0.1))
