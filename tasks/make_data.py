@@ -395,7 +395,7 @@ def build_image_inrs(out: str | Path, dataset: str = "fashion_mnist", views: int
 # sine-wave INRs
 
 
-def sine_signal(amplitude: float, frequency: float, points: int = 128) -> Tensor:
+def sine_signal(amplitude: float, frequency: float, points: int = 256) -> Tensor:
     """``0.5 + a sin(b x)`` for x on ``points`` grid points over [-pi, pi], as a ``[points]`` signal.
 
     The INR grid coordinate u in [-1, 1] stands for x = pi u, and an INR predicts
@@ -419,11 +419,11 @@ def build_sine_inrs(out: str | Path, n: int = 5000, points: int = 256, amplitude
     (generator ``[seed, 2, i]``).  The default ``a = 1`` is DWSNets' frequency-regression data
     (``sin(b x)``); a range of ``a`` gives self-supervised data.  PSNR is measured against a peak
     of 1, so the 40 dB early stop is an MSE of 1e-4, DWSNets' early-stop loss for sine INRs.
-    Targets for frequency regression (``frequency``) or for self-supervised learning (both).  Splits: exact ``split_fractions`` of the waves, by a
-    seeded permutation.  Metadata: ``amplitude``, ``frequency``, ``index``, ``split``, ``seed``,
-    ``psnr``, ``steps``.  The fit is that of :func:`build_image_inrs`, with a ``1 -> hidden -> 1`` SIREN
-    and DWSNets' sine settings (Adam lr 1e-3, up to 1500 steps): with their init, lr 5e-4 leaves
-    many waves unfitted.
+    Targets for frequency regression (``frequency``) or for self-supervised learning (both).
+    Splits: exact ``split_fractions`` of the waves, by a seeded permutation.  Metadata:
+    ``amplitude``, ``frequency``, ``index``, ``split``, ``seed``, ``psnr``, ``steps``.  The fit is
+    that of :func:`build_image_inrs`, with a ``1 -> hidden -> 1`` SIREN and DWSNets' sine settings
+    (Adam lr 1e-3, up to 1500 steps): with their init, lr 5e-4 leaves many waves unfitted.
     """
     if n < 1 or points < 2 or steps < 1 or shard_size < 1:
         raise ValueError(f"need n >= 1, points >= 2, steps >= 1, shard_size >= 1; got {n}, {points}, {steps}, "

@@ -183,11 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         model_cfg = ModelConfig(args.hidden_channels, args.num_layers, args.head_hidden, args.dropout,
-                                getattr(args, "pooling", "mean"))
+                                getattr(args, "pooling", ModelConfig.pooling))
         train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                 weight_decay=args.weight_decay, patience=args.patience, augment=not args.no_augment,
-                                sign_flips=getattr(args, "sign_flips", False), seed=args.seed, device=args.device,
-                                progress=not args.no_progress)
+                                sign_flips=getattr(args, "sign_flips", TrainConfig.sign_flips), seed=args.seed,
+                                device=args.device, progress=not args.no_progress)
         command = "python -m meta_train.standalone " + shlex.join(argv)
         models = args.models or ",".join({"edit": EDIT_DEFAULT, "adapt": EDITORS}.get(args.task, DEFAULT_MODELS))
         if args.task == "adapt":

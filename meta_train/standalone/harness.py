@@ -21,9 +21,11 @@ from torch import Tensor, nn
 
 from metaopt.models import DeepSets, FlatMLP, InvariantDWSNet, InvariantNFN, StatNN
 from metaopt.optim.checkpoint import atomic_write
-from metaopt.weight_space import WeightSpace, WeightSpaceSpec, random_hidden_perms
+from metaopt.weight_space import WeightSpace, WeightSpaceSpec
 from tasks.make_data import IMAGE_SIZES
 from tasks.weight_data import WeightDataset
+
+from .augment import permute, sign_flip
 
 __all__ = ["MODELS", "DEFAULT_MODELS", "ModelConfig", "TrainConfig", "Normalizer", "Splits", "load_splits",
            "build_model", "NFNInvariant", "to_nfn", "from_nfn", "nfn_network_spec", "train_model", "predict",
@@ -271,17 +273,10 @@ LossFn = Callable[[nn.Module, WeightSpace, Tensor], Tensor]  # (model, batch, ba
 ScoreFn = Callable[[nn.Module], float]  # model -> validation score, higher is better
 
 
-def augment_batch(ws: WeightSpace, generator: torch.Generator) -> WeightSpace:
-    """An independent random permutation of every hidden layer of every network: same functions."""
-    if not ws.spec.hidden_sizes:
-        return ws
-    return ws.permute_hidden(random_hidden_perms(ws.spec, generator, batch_size=ws.batch_size))
-
-
-def sign_flip_transform(splits: Splits, permute: bool = True
+def sign_flip_transform(splits: Splits, also_permute: bool = True
                         ) -> Callable[[WeightSpace, torch.Generator], WeightSpace]:
     """Training-batch augmentation for SIREN data: each hidden sine neuron flips sign with probability
-    1/2 (exact, since sine is odd; see :mod:`.augment`), then hidden permutations when ``permute``.
+    1/2 (exact, since sine is odd; see :mod:`.augment`), then hidden permutations when ``also_permute``.
 
     Why: an invariant model is blind to permutations, so they add nothing for it; sign flips are a
     symmetry it does *not* have built in, so each flip shows it a new network with the same label.
@@ -289,8 +284,6 @@ def sign_flip_transform(splits: Splits, permute: bool = True
     values would not be exact). Bias shifts by ``k pi / w0``, the other SIREN symmetry, are left out:
     they move trained biases far outside the range the test networks have.
     """
-    from .augment import sign_flip
-
     if recorded(splits, "w0") is None:
         raise StandaloneError("sign flips are an exact symmetry of SIRENs only (odd sine activations), and this "
                               "dataset records no w0: it is not a SIREN dataset")
@@ -298,7 +291,7 @@ def sign_flip_transform(splits: Splits, permute: bool = True
 
     def transform(ws: WeightSpace, generator: torch.Generator) -> WeightSpace:
         ws = norm(sign_flip(norm.inverse(ws), generator))
-        return augment_batch(ws, generator) if permute else ws
+        return permute(ws, generator) if also_permute else ws
 
     return transform
 
@@ -325,7 +318,7 @@ def train_model(model: nn.Module, train: WeightSpace, loss_fn: LossFn, val_score
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     gen = torch.Generator().manual_seed(cfg.seed)
     writer = SummaryWriter(str(logdir)) if logdir is not None else None
-    augment = transform or (augment_batch if cfg.augment else None)
+    augment = transform or (permute if cfg.augment else None)
     best = {"score": -math.inf, "epoch": -1, "state": copy.deepcopy(model.state_dict())}
     history = []
     start, step, stale = time.perf_counter(), 0, 0

@@ -82,9 +82,10 @@ class NeuronLayout:
         return WeightSpace(ts[0::2], ts[1::2], self.spec)
 
     @staticmethod
-    def pool(x: Tensor) -> Tensor:
-        """Mean over every kept (permutable) axis: [B, c, *kept] -> [B, c]."""
-        return x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+    def pool(x: Tensor, reduce: str = "mean") -> Tensor:
+        """``reduce`` (a Tensor method taking ``dim``: "mean", "amax") over every kept (permutable)
+        axis: [B, c, *kept] -> [B, c]."""
+        return getattr(x, reduce)(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
 
     @staticmethod
     def _mean(x: Tensor, dim: int) -> Tensor:

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 from ..weight_space import WeightSpace, WeightSpaceSpec
 from .base import NeuronLayout
 
-POOLINGS = ("mean", "meanmax")
+_REDUCTIONS = {"mean": ("mean",), "meanmax": ("mean", "amax")}  # pooling -> Tensor reductions, in output order
+POOLINGS = tuple(_REDUCTIONS)
 
 
 class InvariantPool(nn.Module):
@@ -28,14 +29,11 @@ class InvariantPool(nn.Module):
         self.layout = NeuronLayout(spec, fold_sets=(0, spec.num_layers) if keep_io else ())
 
     def out_features(self, channels: int) -> int:
-        return self.layout.global_dim(channels) * (2 if self.pooling == "meanmax" else 1)
+        return self.layout.global_dim(channels) * len(_REDUCTIONS[self.pooling])
 
     def forward(self, ws: WeightSpace) -> Tensor:
         xs = self.layout.fold(ws)
-        pooled = [self.layout.pool(x) for x in xs]
-        if self.pooling == "meanmax":
-            pooled += [x.amax(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x for x in xs]
-        return torch.cat(pooled, 1)
+        return torch.cat([self.layout.pool(x, r) for r in _REDUCTIONS[self.pooling] for x in xs], 1)
 
     def extra_repr(self) -> str:
         return f"pooling={self.pooling!r}"

@@ -204,7 +204,7 @@ def _siren_splits(nets):
     n = ws.batch_size
     ds = WeightDataset(ws.spec, [w[:, 0] + 0.3 for w in ws.weights], [b[:, 0] - 0.2 for b in ws.biases],
                        {"split": split_column(n - 2, 1, 1)}, {"w0": W0})
-    return load_splits(ds, []), ds
+    return load_splits(ds, [])
 
 
 def test_sign_flip_training_augmentation_is_exact_in_raw_units():
@@ -213,7 +213,7 @@ def test_sign_flip_training_augmentation_is_exact_in_raw_units():
     from meta_train.standalone.harness import sign_flip_transform
 
     nets = _sirens(n=6)
-    splits, ds = _siren_splits(nets)
+    splits = _siren_splits(nets)
     out = sign_flip_transform(splits)(splits.train, torch.Generator().manual_seed(0))
     changed = max((a - b).abs().max().item() for a, b in zip(out.tensors(), splits.train.tensors()))
     assert changed > 1e-2
@@ -231,7 +231,7 @@ def test_sign_flip_training_augmentation_is_exact_in_raw_units():
 def test_sign_flips_need_a_siren_dataset():
     from meta_train.standalone.harness import StandaloneError, sign_flip_transform
 
-    splits, ds = _siren_splits(_sirens(n=4))
+    splits = _siren_splits(_sirens(n=4))
     splits.info.pop("w0")
     with pytest.raises(StandaloneError, match="not a SIREN dataset"):
         sign_flip_transform(splits)
