@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--sign-flips", action="store_true",
                             help="also flip the signs of random hidden sine neurons in training batches (an exact "
                                  "SIREN symmetry that invariant models lack; SIREN datasets only)")
+            sp.add_argument("--canonical-signs", action="store_true",
+                            help="flip each hidden sine neuron of every network so its bias is >= 0 before "
+                                 "training: the sign symmetry removed instead of augmented (SIREN datasets "
+                                 "only; excludes --sign-flips)")
         if name == "regress":
             sp.add_argument("--target", default="frequency", help="metadata column to regress")
         if name == "classify":
@@ -186,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 getattr(args, "pooling", ModelConfig.pooling))
         train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                 weight_decay=args.weight_decay, patience=args.patience, augment=not args.no_augment,
-                                sign_flips=getattr(args, "sign_flips", TrainConfig.sign_flips), seed=args.seed,
+                                sign_flips=getattr(args, "sign_flips", TrainConfig.sign_flips),
+                                canonical_signs=getattr(args, "canonical_signs", TrainConfig.canonical_signs),
+                                seed=args.seed,
                                 device=args.device, progress=not args.no_progress)
         command = "python -m meta_train.standalone " + shlex.join(argv)
         models = args.models or ",".join({"edit": EDIT_DEFAULT, "adapt": EDITORS}.get(args.task, DEFAULT_MODELS))

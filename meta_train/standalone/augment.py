@@ -12,6 +12,8 @@ because sine is odd and anti-periodic (``sin(-z) = -sin z``, ``sin(z + pi) = -si
 :func:`siren_symmetry` draws one sign and one shift per hidden neuron per network and applies both
 (plus a permutation): the augmented network renders the very same image, but its weights differ in
 ways an invariant-by-construction model is *not* blind to, so contrastive training must learn them.
+:func:`canonical_signs` goes the other way for the sign flips: it maps a network and all its
+sign-flipped twins to one representative, so a model need not learn them at all.
 :func:`gaussian_noise` is an inexact augmentation (nearby functions), the usual SimCLR companion.
 """
 
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from metaopt.weight_space import WeightSpace, random_hidden_perms
 
-__all__ = ["siren_symmetry", "sign_flip", "bias_shift", "gaussian_noise", "permute"]
+__all__ = ["siren_symmetry", "sign_flip", "bias_shift", "canonical_signs", "gaussian_noise", "permute"]
 
 
 def _check_linear(ws: WeightSpace, what: str) -> None:
@@ -65,6 +67,18 @@ def bias_shift(ws: WeightSpace, w0: float, generator: torch.Generator | None = N
               for n in ws.spec.hidden_sizes]
     ones = [torch.ones(B, n) for n in ws.spec.hidden_sizes]
     return _apply(ws, ones, shifts, w0)
+
+
+def canonical_signs(ws: WeightSpace) -> WeightSpace:
+    """Each hidden sine neuron flipped, if need be, so that its bias (channel 0) is non-negative.
+
+    The sign-flip symmetry quotiented out instead of augmented: all ``2^n`` sign-flipped twins of a
+    network share this representative, and it commutes with hidden permutations. Like any canonical
+    form it jumps where a bias crosses 0.
+    """
+    _check_linear(ws, "canonical_signs")
+    signs = [torch.where(b[:, 0] < 0, -1.0, 1.0) for b in ws.biases[:-1]]
+    return _apply(ws, signs, [torch.zeros_like(s) for s in signs], 1.0)
 
 
 def permute(ws: WeightSpace, generator: torch.Generator | None = None) -> WeightSpace:

@@ -25,7 +25,7 @@ from metaopt.weight_space import WeightSpace, WeightSpaceSpec
 from tasks.make_data import IMAGE_SIZES
 from tasks.weight_data import WeightDataset
 
-from .augment import permute, sign_flip
+from .augment import canonical_signs, permute, sign_flip
 
 __all__ = ["MODELS", "DEFAULT_MODELS", "ModelConfig", "TrainConfig", "Normalizer", "Splits", "load_splits",
            "build_model", "NFNInvariant", "to_nfn", "from_nfn", "nfn_network_spec", "train_model", "predict",
@@ -49,7 +49,7 @@ class Normalizer:
         self.means, self.stds = list(means), list(stds)
 
     @classmethod
-    def fit(cls, data: WeightDataset) -> "Normalizer":
+    def fit(cls, data: WeightDataset | WeightSpace) -> "Normalizer":
         means, stds = [], []
         for t in (t for pair in zip(data.weights, data.biases) for t in pair):
             t = t.double()
@@ -91,10 +91,11 @@ class Splits:
         return {"train": self.train.batch_size, "val": self.val.batch_size, "test": self.test.batch_size}
 
 
-def load_splits(data: str | Path | WeightDataset, columns: Sequence[str], device: str | torch.device = "cpu"
-                ) -> Splits:
+def load_splits(data: str | Path | WeightDataset, columns: Sequence[str], device: str | torch.device = "cpu",
+                canonical: bool = False) -> Splits:
     """Load a dataset folder (or take a dataset), check it has ``columns`` and three non-empty splits,
-    fit the normalizer on train and move everything to ``device``."""
+    fit the normalizer on train and move everything to ``device``. With ``canonical``, every SIREN
+    first gets :func:`.augment.canonical_signs`, and the normalizer is fitted on those weights."""
     ds = data if isinstance(data, WeightDataset) else WeightDataset.load(data)
     missing = [c for c in ("split", *columns) if c not in ds.meta]
     if missing:
@@ -106,18 +107,24 @@ def load_splits(data: str | Path | WeightDataset, columns: Sequence[str], device
     if empty:
         raise StandaloneError(f"split(s) {empty} of the dataset are empty; every task needs train, val and test "
                               f"networks (sizes: { {s: len(p) for s, p in parts.items()} })")
-    norm = Normalizer.fit(parts["train"])
-    spaces = {s: norm(p.weight_space(device=device, dtype=torch.float32)) for s, p in parts.items()}
+    raw = {s: p.weight_space(device=device, dtype=torch.float32) for s, p in parts.items()}
+    if canonical:
+        require_siren(ds.info, "canonical signs")
+        raw = {s: canonical_signs(ws) for s, ws in raw.items()}
+    norm = Normalizer.fit(raw["train"] if canonical else parts["train"])
+    spaces = {s: norm(ws) for s, ws in raw.items()}
     meta = {s: {c: p.meta[c] for c in p.meta} for s, p in parts.items()}
     return Splits(ds.spec, spaces["train"], spaces["val"], spaces["test"], meta, norm, dict(ds.info))
 
 
-def recorded(splits: Splits, key: str):
-    """A setting the dataset's builder recorded in its info: at the top level (the small builders
-    here) or in ``info["recipe"]`` (``python -m tasks make-data``); None when absent."""
-    recipe = splits.info.get("recipe") if isinstance(splits.info.get("recipe"), dict) else {}
-    if key in splits.info:
-        return splits.info[key]
+def recorded(splits: Splits | dict, key: str):
+    """A setting the dataset's builder recorded in its info (``splits.info``, or that dict itself): at
+    the top level (the small builders here) or in ``info["recipe"]`` (``python -m tasks make-data``);
+    None when absent."""
+    info = splits if isinstance(splits, dict) else splits.info
+    recipe = info.get("recipe") if isinstance(info.get("recipe"), dict) else {}
+    if key in info:
+        return info[key]
     if key == "image_size" and recipe.get("dataset") in IMAGE_SIZES:
         return IMAGE_SIZES[recipe["dataset"]]
     return recipe.get(key)
@@ -263,6 +270,7 @@ class TrainConfig:
     patience: int = 0  # stop after this many epochs without a better val score (0: never stop early)
     augment: bool = True  # random hidden permutations of every training batch
     sign_flips: bool = False  # and random sign flips of hidden sine neurons (SIREN data only; supervised tasks)
+    canonical_signs: bool = False  # instead, every network's sine neurons with biases >= 0 (SIREN data only)
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -271,6 +279,12 @@ class TrainConfig:
 
 LossFn = Callable[[nn.Module, WeightSpace, Tensor], Tensor]  # (model, batch, batch indices) -> scalar loss
 ScoreFn = Callable[[nn.Module], float]  # model -> validation score, higher is better
+
+
+def require_siren(info: dict, what: str) -> None:
+    if recorded(info, "w0") is None:
+        raise StandaloneError(f"{what} rely on an exact symmetry of SIRENs only (odd sine activations), and this "
+                              f"dataset records no w0: it is not a SIREN dataset")
 
 
 def sign_flip_transform(splits: Splits, also_permute: bool = True
@@ -284,9 +298,7 @@ def sign_flip_transform(splits: Splits, also_permute: bool = True
     values would not be exact). Bias shifts by ``k pi / w0``, the other SIREN symmetry, are left out:
     they move trained biases far outside the range the test networks have.
     """
-    if recorded(splits, "w0") is None:
-        raise StandaloneError("sign flips are an exact symmetry of SIRENs only (odd sine activations), and this "
-                              "dataset records no w0: it is not a SIREN dataset")
+    require_siren(splits.info, "sign flips")
     norm = splits.normalizer
 
     def transform(ws: WeightSpace, generator: torch.Generator) -> WeightSpace:
@@ -452,7 +464,10 @@ def run_supervised(objective: Objective, data: str | Path | WeightDataset, out: 
     and TensorBoard logs under ``out/tb/MODEL``; return the table rows."""
     models = parse_models(models)
     device = torch.device(train_cfg.device)
-    splits = load_splits(data, [objective.column], device)
+    if train_cfg.sign_flips and train_cfg.canonical_signs:
+        raise StandaloneError("sign flips and canonical signs exclude each other: the flips would undo the "
+                              "canonical form (pick one)")
+    splits = load_splits(data, [objective.column], device, canonical=train_cfg.canonical_signs)
     out_features = objective.setup(splits)
     targets = {s: objective.targets(splits, s).to(device) for s in ("train", "val", "test")}
     transform = sign_flip_transform(splits, train_cfg.augment) if train_cfg.sign_flips else None

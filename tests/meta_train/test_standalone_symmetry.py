@@ -124,7 +124,7 @@ def _render(ws, template, coords):
     return torch.stack([m(coords) for m in ws.to_modules(template)])
 
 
-@pytest.mark.parametrize("transform", ["sign_flip", "bias_shift", "permute", "siren_symmetry"])
+@pytest.mark.parametrize("transform", ["sign_flip", "bias_shift", "permute", "siren_symmetry", "canonical_signs"])
 @pytest.mark.parametrize("sizes", [(2, 8, 6, 1), (1, 16, 1), (2, 5, 7, 4, 1)])
 def test_siren_symmetries_keep_the_rendered_signal(transform, sizes):
     nets = _sirens(sizes=sizes)
@@ -134,13 +134,34 @@ def test_siren_symmetries_keep_the_rendered_signal(transform, sizes):
     fn = {"sign_flip": lambda w: augment.sign_flip(w, g),
           "bias_shift": lambda w: augment.bias_shift(w, W0, g, max_shift=3),
           "permute": lambda w: augment.permute(w, g),
-          "siren_symmetry": lambda w: augment.siren_symmetry(w, W0, g)}[transform]
+          "siren_symmetry": lambda w: augment.siren_symmetry(w, W0, g),
+          "canonical_signs": augment.canonical_signs}[transform]
     out = fn(ws)
     changed = max((a - b).abs().max().item() for a, b in zip(out.tensors(), ws.tensors()))
     assert changed > 1e-3, "the augmentation must actually change the weights"
     with torch.no_grad():
         before, after = _render(ws, nets[0], coords), _render(out, nets[0], coords)
     assert (before - after).abs().max().item() < 1e-4 * max(1.0, before.abs().max().item())
+
+
+@pytest.mark.parametrize("sizes", [(2, 8, 6, 1), (1, 16, 1), (2, 5, 7, 4, 1)])
+def test_canonical_signs_pick_one_representative_per_sign_orbit(sizes):
+    """All sign-flipped twins of a network map to the same weights, whose hidden biases are >= 0, and
+    the canonical form commutes with hidden permutations (so invariant models stay invariant)."""
+    ws = WeightSpace.from_modules(_sirens(n=4, sizes=sizes))
+    canon = augment.canonical_signs(ws)
+    assert all((b >= 0).all() for b in canon.biases[:-1])
+    for seed in range(3):
+        twin = augment.sign_flip(ws, torch.Generator().manual_seed(seed))
+        assert max((a - b).abs().max().item() for a, b in zip(twin.tensors(), ws.tensors())) > 1e-3
+        for a, b in zip(augment.canonical_signs(twin).tensors(), canon.tensors()):
+            torch.testing.assert_close(a, b)
+        perms = random_hidden_perms(ws.spec, torch.Generator().manual_seed(10 + seed), batch_size=ws.batch_size)
+        for a, b in zip(augment.canonical_signs(ws.permute_hidden(perms)).tensors(),
+                        canon.permute_hidden(perms).tensors()):
+            torch.testing.assert_close(a, b)
+    for a, b in zip(augment.canonical_signs(canon).tensors(), canon.tensors()):
+        torch.testing.assert_close(a, b)
 
 
 def test_an_uncompensated_sign_flip_changes_the_signal():
@@ -196,7 +217,7 @@ def test_editors_are_equivariant_and_see_uncoupled_permutations(arch, name):
     assert uncoupled > 1e-4 * scale
 
 
-def _siren_splits(nets):
+def _siren_splits(nets, canonical=False):
     from meta_train.standalone.harness import load_splits
     from meta_train.standalone.smalldata import split_column
 
@@ -204,7 +225,7 @@ def _siren_splits(nets):
     n = ws.batch_size
     ds = WeightDataset(ws.spec, [w[:, 0] + 0.3 for w in ws.weights], [b[:, 0] - 0.2 for b in ws.biases],
                        {"split": split_column(n - 2, 1, 1)}, {"w0": W0})
-    return load_splits(ds, [])
+    return load_splits(ds, [], canonical=canonical)
 
 
 def test_sign_flip_training_augmentation_is_exact_in_raw_units():
@@ -228,10 +249,33 @@ def test_sign_flip_training_augmentation_is_exact_in_raw_units():
         assert (_render(splits.normalizer.inverse(naive), nets[0], coords) - before).abs().max() > 1e-3
 
 
-def test_sign_flips_need_a_siren_dataset():
-    from meta_train.standalone.harness import StandaloneError, sign_flip_transform
+def test_sign_flips_and_canonical_signs_need_a_siren_dataset():
+    from meta_train.standalone.harness import StandaloneError, load_splits, sign_flip_transform
 
     splits = _siren_splits(_sirens(n=4))
     splits.info.pop("w0")
     with pytest.raises(StandaloneError, match="not a SIREN dataset"):
         sign_flip_transform(splits)
+    ws = WeightSpace.from_modules(_sirens(n=4))
+    from meta_train.standalone.smalldata import split_column
+
+    ds = WeightDataset(ws.spec, [w[:, 0] for w in ws.weights], [b[:, 0] for b in ws.biases],
+                       {"split": split_column(2, 1, 1)}, {})
+    with pytest.raises(StandaloneError, match="not a SIREN dataset"):
+        load_splits(ds, [], canonical=True)
+
+
+def test_canonical_splits_render_the_same_signals_with_non_negative_biases():
+    """The canonical form is taken on raw weights, before the normalizer is fitted on it."""
+    nets = _sirens(n=6)
+    plain, canon = _siren_splits(nets), _siren_splits(nets, canonical=True)
+    raw = canon.normalizer.inverse(canon.train)
+    assert all((b >= -1e-5).all() for b in raw.biases[:-1])
+    assert any((b < -1e-3).any() for b in plain.normalizer.inverse(plain.train).biases[:-1])
+    for t in canon.train.tensors()[:-1]:
+        assert abs(t.mean().item()) < 1e-5
+    coords = torch.rand(100, 2) * 2 - 1
+    with torch.no_grad():
+        before = _render(plain.normalizer.inverse(plain.train), nets[0], coords)
+        after = _render(raw, nets[0], coords)
+    assert (before - after).abs().max().item() < 1e-4 * max(1.0, before.abs().max().item())

@@ -82,6 +82,20 @@ def test_meanmax_pooling_and_sign_flips_from_the_command_line(digits_dir, zoo_di
     assert "not a SIREN dataset" in capsys.readouterr().err
 
 
+def test_canonical_signs_from_the_command_line(digits_dir, zoo_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["classify", "--data", str(digits_dir), "--out", str(out), "--models", "ours", "--canonical-signs",
+                 *FAST]) == 0
+    payload, _ = _results(out)
+    assert payload["train_config"]["canonical_signs"] is True and math.isfinite(payload["rows"][0]["test_accuracy"])
+    assert main(["classify", "--data", str(digits_dir), "--out", str(tmp_path / "both"), "--canonical-signs",
+                 "--sign-flips", *FAST]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert main(["regress", "--data", str(zoo_dir), "--out", str(tmp_path / "z"), "--target", "test_accuracy",
+                 "--canonical-signs", *FAST]) == 2
+    assert "not a SIREN dataset" in capsys.readouterr().err
+
+
 def test_results_tables_are_rewritten_whole(digits_dir, tmp_path):
     out = tmp_path / "out"
     (out).mkdir()
