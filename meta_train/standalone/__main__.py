@@ -192,8 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 weight_decay=args.weight_decay, patience=args.patience, augment=not args.no_augment,
                                 sign_flips=getattr(args, "sign_flips", TrainConfig.sign_flips),
                                 canonical_signs=getattr(args, "canonical_signs", TrainConfig.canonical_signs),
-                                seed=args.seed,
-                                device=args.device, progress=not args.no_progress)
+                                seed=args.seed, device=args.device, progress=not args.no_progress)
         command = "python -m meta_train.standalone " + shlex.join(argv)
         models = args.models or ",".join({"edit": EDIT_DEFAULT, "adapt": EDITORS}.get(args.task, DEFAULT_MODELS))
         if args.task == "adapt":

@@ -111,7 +111,7 @@ def load_splits(data: str | Path | WeightDataset, columns: Sequence[str], device
     if canonical:
         require_siren(ds.info, "canonical signs")
         raw = {s: canonical_signs(ws) for s, ws in raw.items()}
-    norm = Normalizer.fit(raw["train"] if canonical else parts["train"])
+    norm = Normalizer.fit(raw["train"])
     spaces = {s: norm(ws) for s, ws in raw.items()}
     meta = {s: {c: p.meta[c] for c in p.meta} for s, p in parts.items()}
     return Splits(ds.spec, spaces["train"], spaces["val"], spaces["test"], meta, norm, dict(ds.info))

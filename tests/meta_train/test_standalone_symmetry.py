@@ -217,14 +217,14 @@ def test_editors_are_equivariant_and_see_uncoupled_permutations(arch, name):
     assert uncoupled > 1e-4 * scale
 
 
-def _siren_splits(nets, canonical=False):
+def _siren_splits(nets, canonical=False, info=None):
     from meta_train.standalone.harness import load_splits
     from meta_train.standalone.smalldata import split_column
 
     ws = WeightSpace.from_modules(nets)
     n = ws.batch_size
     ds = WeightDataset(ws.spec, [w[:, 0] + 0.3 for w in ws.weights], [b[:, 0] - 0.2 for b in ws.biases],
-                       {"split": split_column(n - 2, 1, 1)}, {"w0": W0})
+                       {"split": split_column(n - 2, 1, 1)}, {"w0": W0} if info is None else info)
     return load_splits(ds, [], canonical=canonical)
 
 
@@ -250,19 +250,12 @@ def test_sign_flip_training_augmentation_is_exact_in_raw_units():
 
 
 def test_sign_flips_and_canonical_signs_need_a_siren_dataset():
-    from meta_train.standalone.harness import StandaloneError, load_splits, sign_flip_transform
+    from meta_train.standalone.harness import StandaloneError, sign_flip_transform
 
-    splits = _siren_splits(_sirens(n=4))
-    splits.info.pop("w0")
     with pytest.raises(StandaloneError, match="not a SIREN dataset"):
-        sign_flip_transform(splits)
-    ws = WeightSpace.from_modules(_sirens(n=4))
-    from meta_train.standalone.smalldata import split_column
-
-    ds = WeightDataset(ws.spec, [w[:, 0] for w in ws.weights], [b[:, 0] for b in ws.biases],
-                       {"split": split_column(2, 1, 1)}, {})
+        sign_flip_transform(_siren_splits(_sirens(n=4), info={}))
     with pytest.raises(StandaloneError, match="not a SIREN dataset"):
-        load_splits(ds, [], canonical=True)
+        _siren_splits(_sirens(n=4), canonical=True, info={})
 
 
 def test_canonical_splits_render_the_same_signals_with_non_negative_biases():
