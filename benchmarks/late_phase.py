@@ -7,7 +7,10 @@ within its horizon and then is thrown out of the basin (see docs/optimizer.md, "
 This trains the suite's SIRENs and a classifier for ``--steps`` steps with the shipped rule, with
 its late phase off or in part, with parts of its metanetwork's output switched off, and with
 ``torch.optim.Adam`` at the rule's base lr (its untrained self), with and without AMSGrad.  Every
-run sees the same init and batches.  Reported per task: the loss around step 100 (mean of steps
+run sees the same init and batches.  The late phase was designed at the fixed step size the rule
+was meta-trained with (lr 1e-2), so every variant but the shipped default itself runs at that
+fixed lr; the shipped default takes Prodigy's distance estimate (docs/optimizer.md, "Step size").
+Reported per task: the loss around step 100 (mean of steps
 90-99) and at the end (mean of the last 100 steps); loss curves go to ``curves.png``.
 """
 
@@ -33,13 +36,16 @@ quality = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quality)
 
 from metaopt import MetaNetOptimizer  # noqa: E402
+from metaopt.optim import load_learned  # noqa: E402
 
 TASKS = ("digits SIREN 32x2", "sine SIREN 32x2", "digits CNN 8 relu")
 # metanetwork output columns (metaopt/optim/learned.py): 0-2 log-scales; 3 weight-gradient mix,
 # 4 weight-parameter mix, 5 bias-gradient mix, 6 bias-parameter mix
 LATE_OFF = {"mix_decay_from": None, "amsgrad_from": None, "lr_decay_from": None}  # the rule before its late phase
+FIXED = {"step_size": "fixed", "lr": 1e-2}  # the step size the rule was meta-trained, and the late phase designed, at
 VARIANTS = {
-    "shipped default": {},
+    "shipped default": {"fixed": False},
+    "shipped default at the fixed lr 1e-2": {},
     "late phase off": {"config": LATE_OFF},
     "late phase: additive terms fade, no lr decay": {"config": {"lr_decay_from": None}},
     "late phase: lr decay, no fade": {"config": {"mix_decay_from": None}},
@@ -53,7 +59,9 @@ VARIANTS = {
 
 
 def make_optimizer(module: torch.nn.Module, variant: dict) -> torch.optim.Optimizer:
-    opt = MetaNetOptimizer(module.parameters())
+    learned = load_learned()
+    opt = MetaNetOptimizer(module.parameters(), learned=learned.with_config(**FIXED)
+                           if variant.get("fixed", True) else learned)
     if "adam" in variant:
         return torch.optim.Adam(module.parameters(), lr=opt.defaults["lr"], amsgrad=variant["adam"])
     if "config" in variant:

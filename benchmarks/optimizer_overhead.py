@@ -7,7 +7,9 @@ For each model: the whole training iteration (zero_grad, forward, backward, step
 reported as ours / Adam. A repetition is as many iterations as the metanetwork's refresh period
 (``refresh_every``), timed as a mean, so every number includes the amortised metanetwork cost.
 For a rule with AMSGrad's running maximum (``amsgrad_from``; not the shipped default), timing
-starts after it has begun, as in most of a run.
+starts after it has begun, and with Prodigy's step size (``step_size``; the shipped default's)
+after its distance estimate's warm-up (``distance_warmup`` steps, where the estimate is updated
+every step, not only at refreshes): the steady state of most of a run.
 Goals: whole iteration <= 1.5x Adam on CPU for 100k+ parameter models, <= 1.2x on GPU for 10M+.
 ``--compile`` measures ``MetaNetOptimizer(compile=True)`` (its first step compiles, tens of
 seconds on a small CPU; the warm-up iterations absorb that). The learned optimizer
@@ -78,10 +80,12 @@ def measure(name, device, reps, batch, learned, compile=False):
 
     # a block is one refresh period: the metanetwork runs once per block, so block means are the
     # amortised cost (a median of single iterations would pick the cheap steps between refreshes).
-    # With amsgrad_from set, the warm-up runs past it (its running maximum of v is one more pass): the
-    # steady state of a training run, not its first steps
-    block = learned.config.refresh_every
-    for _ in range(max(3, -(-(learned.config.amsgrad_from or 0) // block))):
+    # With amsgrad_from set, the warm-up runs past it (its running maximum of v is one more pass), and
+    # past distance_warmup with step_size "prodigy" (until then the estimate is updated every step):
+    # the steady state of a training run, not its first steps
+    block, c = learned.config.refresh_every, learned.config
+    first_steady = max(c.amsgrad_from or 0, c.distance_warmup if c.step_size == "prodigy" else 0)
+    for _ in range(max(3, -(-first_steady // block))):
         for k in nets:
             for _ in range(block):
                 iteration(k)

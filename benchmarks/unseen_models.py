@@ -7,7 +7,7 @@ recurrent layers, norm layers whose biases start at exactly zero, tied or scalar
 frozen layers with zero-initialised adapters, parametrized or 3-d weights, deep stacks. Each
 model here fits a fixed random batch with random labels (pure optimization: every optimizer
 sees the same init and the same batch), with ``MetaNetOptimizer`` at its default
-lr, Adam at 1e-3 and Adam at the default's lr. Reported per model, means over seeds: the first
+lr, Adam at 1e-3 and Adam at 1e-2 (the fixed lr the default was meta-trained with). Reported per model, means over seeds: the first
 loss, the final loss (mean of the last 10% of steps), the highest loss, and the seeds that
 diverged (non-finite, or a final loss above twice the first). Writes ``report.md`` and
 ``final_losses.png`` to ``--out``.
@@ -30,7 +30,6 @@ from torch import Tensor, nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from metaopt import MetaNetOptimizer  # noqa: E402
-from metaopt.optim import load_learned  # noqa: E402
 
 CLASSES, BATCH = 3, 32
 
@@ -208,10 +207,9 @@ def main():
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--out", default="out/unseen_models")
     args = ap.parse_args()
-    lr = load_learned().config.lr
     optimizers = {"learned": lambda m: MetaNetOptimizer(m.parameters()),
                   "Adam 1e-3": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
-                  f"Adam {lr:g}": lambda m: torch.optim.Adam(m.parameters(), lr=lr)}
+                  "Adam 1e-2": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)}
     results = {name: {k: summarize([train(name, make, args.steps, s) for s in range(args.seeds)])
                       for k, make in optimizers.items()} for name in MODELS}
     lines = [f"## The shipped default on unseen kinds of models ({args.steps} steps, {args.seeds} seeds)", "",

@@ -81,6 +81,8 @@ class Config:
                            "maximum (0: off)")
     lr_decay_from: int = _f(0, "late phase: from inner step D = this on, the step size decays as sqrt(D / t) "
                             "(0: off)")
+    step_size: str = _f("fixed", "the rule's step size: the suite's lr (fixed), or 1.0 times Prodigy's distance "
+                        "estimate (prodigy, the shipped default's; needed to fine-tune it)", choices=("fixed", "prodigy"))
     # outer optimizer
     outer_lr: float = _f(1e-3, "Adam learning rate for the meta-parameters")
     outer_betas: list = _f([0.9, 0.999], "Adam betas for the meta-parameters")

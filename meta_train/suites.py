@@ -73,9 +73,13 @@ def problem_options(config: Config, device: torch.device) -> dict[str, Any]:
 
 
 def learned_optimizer(config: Config, lr: float):
-    """The suites' metaopt LearnedOptimizer: the suite's base lr, the rule options of the run's config."""
+    """The suites' metaopt LearnedOptimizer: the suite's base lr (with ``step_size`` prodigy, 1.0 times
+    the distance estimate instead), the rule options of the run's config."""
     from metaopt.optim import LearnedOptimizer, LearnedOptimizerConfig
-    return LearnedOptimizer(LearnedOptimizerConfig(lr=lr, max_mix=config.max_mix, refresh_every=config.refresh_every,
+    if config.step_size == "prodigy":
+        lr = 1.0
+    return LearnedOptimizer(LearnedOptimizerConfig(lr=lr, step_size=config.step_size, max_mix=config.max_mix,
+                                                   refresh_every=config.refresh_every,
                                                    mix_decay_from=config.mix_decay_from or None,
                                                    amsgrad_from=config.amsgrad_from or None,
                                                    lr_decay_from=config.lr_decay_from or None))

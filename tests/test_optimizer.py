@@ -1,4 +1,5 @@
 import copy
+import math
 import warnings
 from unittest import mock
 
@@ -25,6 +26,8 @@ def random_learned(seed=0, scale=0.3, **config):
 # the late phase (additive terms fade from step 2, AMSGrad's second moment from step 3, the step size
 # decays from step 3), with a refresh period, so that a few steps cross every switch of the rule
 LATE = {"refresh_every": 2, "mix_decay_from": 2, "amsgrad_from": 3, "lr_decay_from": 3}
+# the step size lr * d_t from Prodigy's distance estimate (the shipped default's)
+PRODIGY = {"step_size": "prodigy", "lr": 1.0, "distance_warmup": 2}  # every step to 2, then at refreshes
 
 
 def data(name="mlp3", n=16, seed=0):
@@ -71,7 +74,7 @@ def test_trained_metanetwork_changes_the_update():
     assert max((a - b).abs().max().item() for a, b in zip(net.parameters(), ref.parameters())) > 1e-3
 
 
-@pytest.mark.parametrize("config", [{}, {"refresh_every": 3}, LATE])
+@pytest.mark.parametrize("config", [{}, {"refresh_every": 3}, LATE, PRODIGY, {**LATE, **PRODIGY}])
 def test_functional_core_matches_the_optimizer(config):
     torch.manual_seed(0)
     net = ARCHS["cnn2d_flatten"]()
@@ -119,7 +122,8 @@ def loss_fn_call(module, named_from, params, x, y):
 
 @pytest.mark.parametrize("name,config", [("mlp3", {}), ("mlp5", {}), ("cnn2d_flatten", {}), ("cnn2d_gap", {}),
                                          ("mlp5", {"refresh_every": 2}), ("cnn2d_flatten", {"refresh_every": 2}),
-                                         ("mlp5", LATE), ("cnn1d", LATE)])
+                                         ("mlp5", LATE), ("cnn1d", LATE), ("mlp5", PRODIGY),
+                                         ("cnn2d_flatten", {**LATE, **PRODIGY})])
 def test_update_is_equivariant_to_hidden_permutations(name, config):
     # with refresh_every=2, step 2 reuses step 1's coefficients: the cache must be permuted with the model
     torch.manual_seed(0)
@@ -203,7 +207,8 @@ def test_lr_scheduler_drives_the_step_size():
 
 @pytest.mark.parametrize("dtype,config", [(torch.float32, {}), (torch.bfloat16, {}),
                                           (torch.float32, {"refresh_every": 2}), (torch.bfloat16, {"refresh_every": 2}),
-                                          (torch.float32, LATE), (torch.bfloat16, LATE)])
+                                          (torch.float32, LATE), (torch.bfloat16, LATE),
+                                          (torch.float32, {**LATE, **PRODIGY}), (torch.bfloat16, PRODIGY)])
 def test_resume_is_bit_exact(dtype, config, tmp_path):
     # refresh_every=2: the checkpoint falls after step 3, so step 4 must reuse the saved coefficients;
     # LATE: ... and the running maximum of the second moment, started at step 3
@@ -382,7 +387,8 @@ def test_refresh_every_reuses_the_coefficients_in_between():
 
 
 @pytest.mark.parametrize("bad", [{"refresh_every": 0}, {"mix_decay_from": 0}, {"amsgrad_from": 2.5},
-                                 {"amsgrad_from": -1}, {"lr_decay_from": 0}])
+                                 {"amsgrad_from": -1}, {"lr_decay_from": 0}, {"step_size": "adaptive"},
+                                 {"distance_warmup": -1}])
 def test_config_steps_are_checked(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         LearnedOptimizerConfig(**bad)
@@ -423,6 +429,54 @@ def test_late_phase_lr_decay_is_a_schedule_on_the_group_lr():
         halve.step()
     for a, b in zip(*(n.parameters() for n in nets)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_prodigy_step_size_is_adam_at_lr_times_the_distance_estimate():
+    # untrained, with step_size "prodigy" the rule is AdamW at lr * d_t (times the late phase's
+    # decay), d_t from Prodigy's recurrence, here recomputed in float64 beside torch's AdamW
+    torch.manual_seed(0)
+    nets = [mlp(3, 5, 2) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x, y = data(n=8)
+    x = x[:, :3]
+    ours = MetaNetOptimizer(nets[0].parameters(), lr=0.5, weight_decay=0.1,
+                            learned=LearnedOptimizer(LearnedOptimizerConfig(step_size="prodigy", lr_decay_from=3)))
+    adam = torch.optim.AdamW(nets[1].parameters(), lr=0.0, weight_decay=0.1)
+    initial = [p.detach().double().clone() for p in nets[1].parameters()]
+    sums = [torch.zeros_like(p) for p in initial]
+    d, numerator, beta3, distances = 1e-6, 0.0, 0.999 ** 0.5, []
+    for t in range(1, 40):
+        adam.zero_grad()
+        loss_fn(nets[1], x, y).backward()
+        factor = 1.0 if t <= 3 else (3 / t) ** 0.5
+        weight = d * d * factor / 1e-6
+        grads = [p.grad.double() for p in nets[1].parameters()]
+        numerator = beta3 * numerator + weight * sum(float((g * (p0 - p.detach().double())).sum())
+                                                     for g, p0, p in zip(grads, initial, nets[1].parameters()))
+        sums = [beta3 * s + weight * g for s, g in zip(sums, grads)]
+        d = max(d, numerator / float(sum(s.abs().sum() for s in sums)))
+        adam.param_groups[0]["lr"] = 0.5 * factor * d
+        adam.step()
+        train(nets[0], ours, 1, x, y)
+        distances.append(ours.distance())
+    assert distances == sorted(distances) and distances[-1] > 10 * distances[0]  # it only grows
+    assert ours.distance() == pytest.approx(d, rel=1e-4)
+    for a, b in zip(*(n.parameters() for n in nets)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert MetaNetOptimizer(nets[0].parameters(), learned=LearnedOptimizer()).distance() is None  # fixed lr
+
+
+def test_distance_is_updated_every_step_then_at_refreshes_for_the_steps_between():
+    learned = LearnedOptimizer(LearnedOptimizerConfig(step_size="prodigy", refresh_every=4, distance_warmup=6))
+    beta3 = 0.999 ** 0.5
+    gaps = {}
+    for step in range(1, 18):
+        weights = learned.distance_weights(step)
+        if weights is not None:
+            gaps[step] = round(math.log(weights[1]) / math.log(beta3))
+            assert weights[0] == pytest.approx(gaps[step])  # the weight of that many steps (no lr decay here)
+    # every step to 6; then the refresh steps 9, 13, 17, each for the steps since the last update
+    assert gaps == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1, 9: 3, 13: 4, 17: 4}
 
 
 def test_late_phase_second_moment_is_amsgrads():

@@ -13,7 +13,7 @@ _spec = importlib.util.spec_from_file_location("unseen_models", _PATH)
 um = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(um)
 
-# the deep tanh stack saturates at the default's lr (1e-2) as Adam does at that lr: a step-size
+# the deep tanh stack saturates at the default's step size as Adam does at lr 1e-2: a step-size
 # matter, measured by the benchmark, not a failure of the rule
 TRAINABLE = [name for name in um.MODELS if not name.startswith("deep tanh")]
 
@@ -41,7 +41,7 @@ def test_shipped_default_trains_models_it_was_not_shown(name):
         return opt
 
     losses = um.train(name, make_optimizer, steps=40, seed=0)
-    assert max(moved) < 1.0, f"a step moved a parameter by {max(moved):.3g} (lr 1e-2)"
+    assert max(moved) < 1.0, f"a step moved a parameter by {max(moved):.3g}"
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0], losses
 

@@ -36,6 +36,8 @@ from .structure import Structure, infer_structure
 NUM_STATS = 5  # per neuron: means of Adam's direction, g, m, v and p^2, each normalised per tensor
 NUM_FLAGS = 6  # has incoming weights, has outgoing weights, lone tensor; log set size, log fan-in, log fan-out
 NUM_OUTPUTS = 7  # log-scales: weight row, weight column, bias; mixes: weight grad, weight param, bias grad, bias param
+STEP_SIZES = ("fixed", "prodigy")
+PRODIGY_D0 = 1e-6  # Prodigy's first distance estimate: far too small on purpose, it only grows
 
 
 class StepScalars(NamedTuple):
@@ -85,8 +87,20 @@ class LearnedOptimizerConfig:
     mix_decay_from: int | None = None
     amsgrad_from: int | None = None
     lr_decay_from: int | None = None
+    # "fixed": the step size is lr. "prodigy": it is lr * d_t, where d_t is Prodigy's running lower
+    # estimate of the distance from the initial weights to a solution (Mishchenko & Defazio 2023;
+    # see prodigy_distance), so lr becomes a multiplier (1.0 in the shipped default): one rule for
+    # tasks whose best Adam lr differs by 100x (docs/optimizer.md, "Step size")
+    step_size: str = "fixed"
+    # the distance estimate is updated at every step up to this one, while it grows fastest, and
+    # from then on with the metanetwork, at its refresh steps (LearnedOptimizer.distance_weights)
+    distance_warmup: int = 100
 
     def __post_init__(self):
+        if self.step_size not in STEP_SIZES:
+            raise ValueError(f"step_size must be one of {STEP_SIZES}, got {self.step_size!r}")
+        if not (isinstance(self.distance_warmup, int) and self.distance_warmup >= 0):
+            raise ValueError(f"distance_warmup must be an integer step >= 0, got {self.distance_warmup!r}")
         if not (isinstance(self.refresh_every, int) and self.refresh_every >= 1):
             raise ValueError(f"refresh_every must be an integer >= 1, got {self.refresh_every!r}")
         for name in ("mix_decay_from", "amsgrad_from", "lr_decay_from"):
@@ -170,6 +184,29 @@ def _stat_layout(structure: Structure, device) -> tuple[Tensor, Tensor]:
     return average.to(device), columns.to(device)
 
 
+def prodigy_distance(distance: Tensor, numerator: Tensor, grad_sums: Sequence[Tensor], grads: Sequence[Tensor],
+                     params: Sequence[Tensor], initial: Sequence[Tensor], lr_factor: float,
+                     beta3: float) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """One step of Prodigy's distance estimate for a batch of tasks (``distance``, ``numerator``: [B]).
+
+    With steps of size ``d_k * lr_factor_k`` along any direction, ``sum_k w_k <g_k, x_0 - x_k>`` over
+    ``||sum_k w_k g_k||_1`` (weights ``w_k = d_k^2 lr_factor_k / d0``, both sums discounted by
+    ``beta3``) is a lower estimate of the distance to the solution: Prodigy's, with the weights of its
+    Adam variant. It never shrinks: ``d`` is the running maximum (a non-finite or 0/0 estimate leaves
+    it). Every term is a sum over all weights, so ``d`` is invariant to any permutation of neurons.
+    Out of place, differentiable and vmappable; returns the new (distance, numerator, grad_sums).
+    """
+    weight = distance * distance * (lr_factor / PRODIGY_D0)  # [B]
+    dot = sum((g * (p0 - p)).reshape(g.shape[0], -1).sum(1) for g, p, p0 in zip(grads, params, initial))
+    numerator = beta3 * numerator + weight * dot
+    grad_sums = [torch.addcmul(beta3 * s, weight.reshape((-1,) + (1,) * (g.dim() - 1)), g)
+                 for s, g in zip(grad_sums, grads)]
+    l1 = sum(s.abs().reshape(s.shape[0], -1).sum(1) for s in grad_sums)
+    estimate = numerator / l1
+    distance = torch.where((l1 > 0) & torch.isfinite(estimate), torch.maximum(distance, estimate), distance)
+    return distance, numerator, grad_sums
+
+
 class LearnedOptimizer(nn.Module):
     """Holds the metanetwork; its parameters are the meta-parameters meta-training learns."""
 
@@ -242,6 +279,10 @@ class LearnedOptimizer(nn.Module):
         state = {"exp_avg": zeros, "exp_avg_sq": [z.clone() for z in zeros]}
         if self.config.amsgrad_from is not None:  # max(0, v) = v: the running maximum starts at amsgrad_from
             state["max_exp_avg_sq"] = [z.clone() for z in zeros]
+        if self.config.step_size == "prodigy":
+            batch = params[0].new_zeros(params[0].shape[0], dtype=torch.float32)
+            state.update(initial_params=[p.detach().float().clone() for p in params],
+                         grad_sums=[z.clone() for z in zeros], distance=[batch + PRODIGY_D0], distance_numerator=[batch])
         if self.config.refresh_every > 1:  # placeholder: step 1 always runs the metanetwork
             graph = self._graph(self.structure_for([p.shape[1:] for p in params]), params[0].device)
             state["coefficients"] = [params[0].new_zeros(params[0].shape[0], graph.num_neurons,
@@ -257,10 +298,22 @@ class LearnedOptimizer(nn.Module):
         ``meta_params=None`` uses the module's own parameters; ``lr=None`` the base step size of
         the config. With ``config.refresh_every > 1`` the state also carries the per-neuron
         coefficients of the last refresh (``"coefficients"``), reused until the next one; with
-        ``config.amsgrad_from`` set, the running maximum of the second moment (``"max_exp_avg_sq"``).
+        ``config.amsgrad_from`` set, the running maximum of the second moment (``"max_exp_avg_sq"``);
+        with ``config.step_size == "prodigy"``, the distance estimate (``"distance"``, [B]) and what it
+        is made of (``prodigy_distance``), and the step size is ``lr * distance`` per task.
         """
         c = self.config
         lr = (c.lr if lr is None else lr) * self.lr_factor(step)
+        extra = {}
+        if c.step_size == "prodigy":
+            extra = {k: state[k] for k in ("initial_params", "grad_sums", "distance", "distance_numerator")}
+            weights = self.distance_weights(step)
+            if weights is not None:
+                distance, numerator, sums = prodigy_distance(state["distance"][0], state["distance_numerator"][0],
+                                                             state["grad_sums"], grads, params, state["initial_params"],
+                                                             *weights)
+                extra.update(grad_sums=sums, distance=[distance], distance_numerator=[numerator])
+            lr = lr * extra["distance"][0]
         exp_avg = [torch.lerp(m, g, 1 - c.beta1) for m, g in zip(state["exp_avg"], grads)]
         exp_avg_sq = [v * c.beta2 + (1 - c.beta2) * g * g for v, g in zip(state["exp_avg_sq"], grads)]
         new_state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
@@ -273,10 +326,11 @@ class LearnedOptimizer(nn.Module):
         reuse = None if self.refreshes(step) else state["coefficients"][0]
         deltas, coefficients = self.direction_and_coefficients(meta_params, params, grads, exp_avg, second_moment,
                                                                step, structure, reuse)
-        new_params = [p - lr * (d + weight_decay * p) for p, d in zip(params, deltas)]
+        rates = [lr.reshape((-1,) + (1,) * (p.dim() - 1)) if isinstance(lr, Tensor) else lr for p in params]
+        new_params = [p - r * (d + weight_decay * p) for p, d, r in zip(params, deltas, rates)]
         if c.refresh_every > 1:
             new_state["coefficients"] = [coefficients]
-        return new_params, new_state
+        return new_params, {**new_state, **extra}
 
     def refreshes(self, step: int) -> bool:
         """Whether the metanetwork runs at ``step`` (counted from 1): steps 1, 1 + k, 1 + 2k, ..."""
@@ -290,6 +344,21 @@ class LearnedOptimizer(nn.Module):
         """What the late phase multiplies the additive terms by at ``step`` (counted from 1)."""
         start = self.config.mix_decay_from
         return 1.0 if start is None else min(1.0, start / float(step))
+
+    def distance_weights(self, step: int) -> tuple[float, float] | None:
+        """``(lr_factor, beta3)`` for ``prodigy_distance`` at ``step``, or None where the estimate
+        stands still. Every step up to ``distance_warmup``; after it, only at the metanetwork's
+        refresh steps, from that step's gradient standing for the steps since the last update
+        (weight and discount of that many steps): its cost, a few passes over the parameters, is
+        then amortised as the metanetwork's is."""
+        c, step = self.config, int(step)
+        if step <= c.distance_warmup:
+            gap = 1
+        elif self.refreshes(step):
+            gap = min(c.refresh_every, step - c.distance_warmup)
+        else:
+            return None
+        return self.lr_factor(step) * gap, math.sqrt(c.beta2) ** gap
 
     def lr_factor(self, step: int) -> float:
         """What the late phase multiplies the step size by at ``step`` (counted from 1)."""

@@ -11,10 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import DEFAULT_PATH, CheckpointError, load_learned, load_meta_state
-from .learned import LearnedOptimizer, LearnedOptimizerConfig, TensorMultipliers
+from .learned import PRODIGY_D0, LearnedOptimizer, LearnedOptimizerConfig, TensorMultipliers
 from .structure import Structure, infer_structure, structure_from_module
 
-_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # the last from the rule's amsgrad_from on
+# per-parameter float32 state: Adam's moments, AMSGrad's maximum from the rule's amsgrad_from on, and
+# with step_size "prodigy" the initial weights and the weighted gradient sum of the distance estimate
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "initial_param", "grad_sum")
 # the per-neuron coefficients of the last refresh when the learned optimizer reuses them
 # (``refresh_every`` > 1); they describe all neurons, so they live in the state of the first parameter.
 # Renamed from "neuron_coefficients", whose additive-term coefficients had their tensor's 1 / rms of
@@ -56,10 +58,13 @@ class MetaNetOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters, named parameters, or parameter groups (each may set ``lr`` and
             ``weight_decay``; weight decay is decoupled, as in AdamW).
-        lr: base step size; None takes the lr the learned optimizer was meta-trained with (its
-            ``config.lr``). With an untrained metanetwork the optimizer *is* Adam at this lr. The
-            rule's late phase (``config.lr_decay_from``; the shipped default: step 100) multiplies
-            each group's lr by sqrt(lr_decay_from / t) from then on, on top of any lr scheduler.
+        lr: base step size; None takes the learned optimizer's own (its ``config.lr``). With
+            ``config.step_size == "prodigy"`` (the shipped default, lr 1.0) it multiplies the
+            distance estimate d_t of Prodigy, kept for the whole optimizer (``distance()``), and
+            the step size is lr * d_t; otherwise it is the step size itself, and an untrained
+            metanetwork makes the optimizer Adam at this lr. The rule's late phase
+            (``config.lr_decay_from``; the shipped default: step 100) multiplies each group's lr by
+            sqrt(lr_decay_from / t) from then on, on top of any lr scheduler.
         learned: a :class:`LearnedOptimizer`, a path to a saved one, or None for the shipped default.
         module: the model, for exact weight-space structure; without it the structure is inferred
             from parameter shapes and order (``describe()`` shows what was inferred).
@@ -184,6 +189,37 @@ class MetaNetOptimizer(torch.optim.Optimizer):
             torch._foreach_addcmul_(views, [p.reshape(s) for p, s in zip(params, multipliers.shapes)], param_mix)
         return direction, coefficients
 
+    def distance(self) -> float | None:
+        """Prodigy's current distance estimate d_t (the step size per unit lr) when the rule uses
+        it (``config.step_size == "prodigy"``), else None. Kept in the first param group, so it is
+        saved and restored with the state dict."""
+        if self.learned.config.step_size != "prodigy":
+            return None
+        return self.param_groups[0].get("distance", PRODIGY_D0)
+
+    def _update_distance(self, params: list[Tensor], grads: list[Tensor], states: list[dict], step: int) -> float:
+        """``prodigy_distance`` over all parameters together, in place, at the steps
+        ``LearnedOptimizer.distance_weights`` names: the same sums in few kernels."""
+        group, weights = self.param_groups[0], self.learned.distance_weights(step)
+        distance = group.get("distance", PRODIGY_D0)
+        if weights is None:
+            return distance
+        lr_factor, beta3 = weights
+        weight = distance * distance * lr_factor / PRODIGY_D0
+        sums = [st["grad_sum"] for st in states]
+        moved = torch._foreach_sub([st["initial_param"] for st in states], params)  # x_0 - x
+        torch._foreach_mul_(moved, grads)
+        torch._foreach_mul_(sums, beta3)
+        torch._foreach_add_(sums, grads, alpha=weight)
+        dot = torch.cat([m.reshape(-1) for m in moved]).sum()
+        dot, l1 = torch.stack([dot, torch.stack(torch._foreach_norm(sums, 1)).sum()]).tolist()  # one sync
+        numerator = beta3 * group.get("distance_numerator", 0.0) + weight * dot
+        estimate = numerator / l1 if l1 > 0 else math.nan
+        if math.isfinite(estimate):
+            distance = max(distance, estimate)
+        group["distance"], group["distance_numerator"] = distance, numerator
+        return distance
+
     # ------------------------------------------------------------------ step
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
@@ -218,6 +254,13 @@ class MetaNetOptimizer(torch.optim.Optimizer):
                 # contiguous whatever the parameter's layout: the fused kernel reads memory flat
                 st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        prodigy = self.learned.config.step_size == "prodigy"
+        if prodigy:
+            for p, st in zip(params, states):
+                if "initial_param" not in st:  # the first step (or a state saved by a fixed-step rule)
+                    st["initial_param"] = p.detach().to(torch.float32, memory_format=torch.contiguous_format,
+                                                        copy=True)
+                    st["grad_sum"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         live_idx = [i for i, l in enumerate(live) if l]
         step = max(float(states[i]["step"]) for i in live_idx) + 1
         grads32 = [_cast(g, torch.float32) for g in grads]
@@ -250,6 +293,8 @@ class MetaNetOptimizer(torch.optim.Optimizer):
             states[0][_COEFFICIENTS] = coefficients
         index = {id(p): i for i, p in enumerate(params)}
         lr_factor = self.learned.lr_factor(step)
+        if prodigy:
+            lr_factor *= self._update_distance(params32, grads32, states, step)
         for group in self.param_groups:
             lr, wd = group["lr"] * lr_factor, group["weight_decay"]
             chosen = [index[id(p)] for p in group["params"] if live[index[id(p)]]]

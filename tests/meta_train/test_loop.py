@@ -161,8 +161,11 @@ def test_init_from_starts_at_the_saved_meta_parameters_and_names_mismatches(tmp_
     from metaopt.optim.checkpoint import DEFAULT_PATH, load_learned
 
     shipped = load_learned(DEFAULT_PATH).state_dict()
+    # the shipped rule takes its step size from Prodigy's distance estimate: a fine-tune says so
     small = Config(**dict(SUITES["small"].defaults, suite="small", progress=False, num_groups=1,
-                          tasks_per_group=2, init_from=str(DEFAULT_PATH)))
+                          tasks_per_group=2, init_from=str(DEFAULT_PATH), step_size="prodigy"))
+    with pytest.raises(CheckpointError, match="step_size"):
+        MetaTrainer(small.replace(step_size="fixed"), build_problem(small.replace(step_size="fixed")))
     trainer = MetaTrainer(small, build_problem(small))
     assert all(torch.equal(trainer.meta_params()[k], v) for k, v in shipped.items())
     fresh = MetaTrainer(small.replace(init_from=""), build_problem(small))
