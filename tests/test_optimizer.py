@@ -410,14 +410,19 @@ def test_late_phase_fades_the_additive_terms(step):
         torch.testing.assert_close(got, s + fade * (f - s), atol=1e-6, rtol=1e-5)
 
 
-def test_late_phase_lr_decay_is_a_schedule_on_the_group_lr():
-    # untrained, the rule is Adam; with lr_decay_from = 3 it is Adam under the schedule
-    # lr * sqrt(3 / t) from step 4 on, applied to the group's (scheduler-driven) lr
+def twin_nets():
+    """Two identical small MLPs (one for the rule, one for its torch.optim reference) and their data."""
     torch.manual_seed(0)
     nets = [mlp(3, 5, 2) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
     x, y = data(n=8)
-    x = x[:, :3]
+    return nets, x[:, :3], y
+
+
+def test_late_phase_lr_decay_is_a_schedule_on_the_group_lr():
+    # untrained, the rule is Adam; with lr_decay_from = 3 it is Adam under the schedule
+    # lr * sqrt(3 / t) from step 4 on, applied to the group's (scheduler-driven) lr
+    nets, x, y = twin_nets()
     ours = MetaNetOptimizer(nets[0].parameters(), lr=1e-2, weight_decay=0.1,
                             learned=LearnedOptimizer(LearnedOptimizerConfig(lr_decay_from=3)))
     adam = torch.optim.AdamW(nets[1].parameters(), lr=1e-2, weight_decay=0.1)
@@ -434,11 +439,7 @@ def test_late_phase_lr_decay_is_a_schedule_on_the_group_lr():
 def test_prodigy_step_size_is_adam_at_lr_times_the_distance_estimate():
     # untrained, with step_size "prodigy" the rule is AdamW at lr * d_t (times the late phase's
     # decay), d_t from Prodigy's recurrence, here recomputed in float64 beside torch's AdamW
-    torch.manual_seed(0)
-    nets = [mlp(3, 5, 2) for _ in range(2)]
-    nets[1].load_state_dict(nets[0].state_dict())
-    x, y = data(n=8)
-    x = x[:, :3]
+    nets, x, y = twin_nets()
     ours = MetaNetOptimizer(nets[0].parameters(), lr=0.5, weight_decay=0.1,
                             learned=LearnedOptimizer(LearnedOptimizerConfig(step_size="prodigy", lr_decay_from=3)))
     adam = torch.optim.AdamW(nets[1].parameters(), lr=0.0, weight_decay=0.1)
