@@ -83,8 +83,10 @@ def measure(name, device, reps, batch, learned, compile=False):
     # With amsgrad_from set, the warm-up runs past it (its running maximum of v is one more pass), and
     # past distance_warmup with step_size "prodigy" (until then the estimate is updated every step):
     # the steady state of a training run, not its first steps
-    block, c = learned.config.refresh_every, learned.config
-    first_steady = max(c.amsgrad_from or 0, c.distance_warmup if c.step_size == "prodigy" else 0)
+    c = learned.config
+    first_steady = max(c.amsgrad_from or 0, c.distance_warmup if c.step_size == "prodigy" or c.late_refresh_every
+                       else 0)
+    block = learned.refresh_period(first_steady + 1)  # after the warm-up, late_refresh_every if set
     for _ in range(max(3, -(-first_steady // block))):
         for k in nets:
             for _ in range(block):
@@ -120,7 +122,8 @@ def main():
     tuned = tune_malloc()
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} reps={args.reps} "
           f"torch={torch.__version__} malloc_tuned={tuned} compile={args.compile} "
-          f"max_mix={learned.config.max_mix} refresh_every={learned.config.refresh_every}")
+          f"max_mix={learned.config.max_mix} refresh_every={learned.config.refresh_every} "
+          f"late_refresh_every={learned.config.late_refresh_every}")
     header = f"{'model':<28} {'params':>10} {'iter Adam ms':>12} {'iter ours ms':>12} {'iter ratio':>10} " \
              f"{'step Adam ms':>12} {'step ours ms':>12} {'step ratio':>10}"
     print(header)

@@ -75,6 +75,8 @@ class Config:
     max_mix: float = _f(0.5, "bound of the rule's additive gradient and parameter terms; 0 leaves only "
                         "per-neuron scales of Adam's direction")
     refresh_every: int = _f(1, "run the metanetwork every N inner steps, reusing its outputs in between")
+    late_refresh_every: int = _f(0, "after the rule's warm-up (its first 100 inner steps), run the metanetwork "
+                                 "every N inner steps instead (0: refresh_every throughout)")
     mix_decay_from: int = _f(0, "late phase: from inner step T = this on, the additive terms fade as T / t "
                              "(0: off)")
     amsgrad_from: int = _f(0, "late phase: from this inner step on, the second moment is AMSGrad's running "
@@ -118,9 +120,9 @@ class Config:
         if not (self.sigma > 0 and math.isfinite(self.sigma)):
             raise ConfigError(f"sigma must be a positive number, got {self.sigma}")
         if self.clip_grad_norm < 0 or self.eval_every < 0 or self.augment_scale < 0 or not self.max_mix >= 0 \
-                or min(self.mix_decay_from, self.amsgrad_from, self.lr_decay_from) < 0:
-            raise ConfigError("clip_grad_norm, eval_every, augment_scale, max_mix, mix_decay_from, amsgrad_from and "
-                              "lr_decay_from must be >= 0")
+                or min(self.mix_decay_from, self.amsgrad_from, self.lr_decay_from, self.late_refresh_every) < 0:
+            raise ConfigError("clip_grad_norm, eval_every, augment_scale, max_mix, mix_decay_from, amsgrad_from, "
+                              "lr_decay_from and late_refresh_every must be >= 0")
         if self.augment_scale and self.augment_scale < 1:
             raise ConfigError(f"augment_scale is a factor >= 1 (or 0 to disable), got {self.augment_scale}")
         if any(not (w >= 0 and math.isfinite(w)) for w in self.family_weights) or \

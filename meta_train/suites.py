@@ -80,6 +80,7 @@ def learned_optimizer(config: Config, lr: float):
         lr = 1.0
     return LearnedOptimizer(LearnedOptimizerConfig(lr=lr, step_size=config.step_size, max_mix=config.max_mix,
                                                    refresh_every=config.refresh_every,
+                                                   late_refresh_every=config.late_refresh_every or None,
                                                    mix_decay_from=config.mix_decay_from or None,
                                                    amsgrad_from=config.amsgrad_from or None,
                                                    lr_decay_from=config.lr_decay_from or None))

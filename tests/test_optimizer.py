@@ -28,6 +28,8 @@ def random_learned(seed=0, scale=0.3, **config):
 LATE = {"refresh_every": 2, "mix_decay_from": 2, "amsgrad_from": 3, "lr_decay_from": 3}
 # the step size lr * d_t from Prodigy's distance estimate (the shipped default's)
 PRODIGY = {"step_size": "prodigy", "lr": 1.0, "distance_warmup": 2}  # every step to 2, then at refreshes
+# all of it, with the metanetwork's refreshes at steps 1, then (after the warm-up) 4, 7, ...
+SHIPPED_LIKE = {**LATE, **PRODIGY, "late_refresh_every": 3}
 
 
 def data(name="mlp3", n=16, seed=0):
@@ -74,7 +76,7 @@ def test_trained_metanetwork_changes_the_update():
     assert max((a - b).abs().max().item() for a, b in zip(net.parameters(), ref.parameters())) > 1e-3
 
 
-@pytest.mark.parametrize("config", [{}, {"refresh_every": 3}, LATE, PRODIGY, {**LATE, **PRODIGY}])
+@pytest.mark.parametrize("config", [{}, {"refresh_every": 3}, LATE, PRODIGY, {**LATE, **PRODIGY}, SHIPPED_LIKE])
 def test_functional_core_matches_the_optimizer(config):
     torch.manual_seed(0)
     net = ARCHS["cnn2d_flatten"]()
@@ -123,7 +125,7 @@ def loss_fn_call(module, named_from, params, x, y):
 @pytest.mark.parametrize("name,config", [("mlp3", {}), ("mlp5", {}), ("cnn2d_flatten", {}), ("cnn2d_gap", {}),
                                          ("mlp5", {"refresh_every": 2}), ("cnn2d_flatten", {"refresh_every": 2}),
                                          ("mlp5", LATE), ("cnn1d", LATE), ("mlp5", PRODIGY),
-                                         ("cnn2d_flatten", {**LATE, **PRODIGY})])
+                                         ("cnn2d_flatten", {**LATE, **PRODIGY}), ("mlp5", SHIPPED_LIKE)])
 def test_update_is_equivariant_to_hidden_permutations(name, config):
     # with refresh_every=2, step 2 reuses step 1's coefficients: the cache must be permuted with the model
     torch.manual_seed(0)
@@ -208,7 +210,8 @@ def test_lr_scheduler_drives_the_step_size():
 @pytest.mark.parametrize("dtype,config", [(torch.float32, {}), (torch.bfloat16, {}),
                                           (torch.float32, {"refresh_every": 2}), (torch.bfloat16, {"refresh_every": 2}),
                                           (torch.float32, LATE), (torch.bfloat16, LATE),
-                                          (torch.float32, {**LATE, **PRODIGY}), (torch.bfloat16, PRODIGY)])
+                                          (torch.float32, {**LATE, **PRODIGY}), (torch.bfloat16, PRODIGY),
+                                          (torch.float32, SHIPPED_LIKE)])
 def test_resume_is_bit_exact(dtype, config, tmp_path):
     # refresh_every=2: the checkpoint falls after step 3, so step 4 must reuse the saved coefficients;
     # LATE: ... and the running maximum of the second moment, started at step 3
@@ -388,7 +391,7 @@ def test_refresh_every_reuses_the_coefficients_in_between():
 
 @pytest.mark.parametrize("bad", [{"refresh_every": 0}, {"mix_decay_from": 0}, {"amsgrad_from": 2.5},
                                  {"amsgrad_from": -1}, {"lr_decay_from": 0}, {"step_size": "adaptive"},
-                                 {"distance_warmup": -1}])
+                                 {"distance_warmup": -1}, {"late_refresh_every": 0}, {"refresh_every": None}])
 def test_config_steps_are_checked(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         LearnedOptimizerConfig(**bad)
@@ -478,6 +481,21 @@ def test_distance_is_updated_every_step_then_at_refreshes_for_the_steps_between(
             assert weights[0] == pytest.approx(gaps[step])  # the weight of that many steps (no lr decay here)
     # every step to 6; then the refresh steps 9, 13, 17, each for the steps since the last update
     assert gaps == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1, 9: 3, 13: 4, 17: 4}
+
+
+def test_refreshes_slow_down_after_the_warm_up_and_the_estimate_follows():
+    learned = LearnedOptimizer(LearnedOptimizerConfig(step_size="prodigy", refresh_every=4, distance_warmup=6,
+                                                      late_refresh_every=10))
+    # every 4th step to 6, then every 10th from the warm-up's last refresh (5)
+    assert [s for s in range(1, 40) if learned.refreshes(s)] == [1, 5, 15, 25, 35]
+    beta3 = 0.999 ** 0.5
+    gaps = {s: round(math.log(w[1]) / math.log(beta3)) for s in range(1, 40)
+            if (w := learned.distance_weights(s)) is not None}
+    assert gaps == {**{s: 1 for s in range(1, 7)}, 15: 9, 25: 10, 35: 10}  # 15 stands for the steps 7 to 15
+    # asking the optimizer for a refresh period means that period throughout
+    opt = MetaNetOptimizer([torch.zeros(3, requires_grad=True)], learned=learned, refresh_every=2)
+    assert opt.learned.config.late_refresh_every is None
+    assert [s for s in range(1, 12) if opt.learned.refreshes(s)] == [1, 3, 5, 7, 9, 11]
 
 
 def test_late_phase_second_moment_is_amsgrads():

@@ -95,14 +95,21 @@ class LearnedOptimizerConfig:
     # the distance estimate is updated at every step up to this one, while it grows fastest, and
     # from then on with the metanetwork, at its refresh steps (LearnedOptimizer.distance_weights)
     distance_warmup: int = 100
+    # after those first distance_warmup steps, the metanetwork runs every late_refresh_every steps
+    # (None: refresh_every throughout). Its per-neuron outputs move slowly by then, while its cost,
+    # fixed whatever the model's size, is most of the step's overhead over Adam on small models
+    late_refresh_every: int | None = None
 
     def __post_init__(self):
         if self.step_size not in STEP_SIZES:
             raise ValueError(f"step_size must be one of {STEP_SIZES}, got {self.step_size!r}")
         if not (isinstance(self.distance_warmup, int) and self.distance_warmup >= 0):
             raise ValueError(f"distance_warmup must be an integer step >= 0, got {self.distance_warmup!r}")
-        if not (isinstance(self.refresh_every, int) and self.refresh_every >= 1):
-            raise ValueError(f"refresh_every must be an integer >= 1, got {self.refresh_every!r}")
+        for name in ("refresh_every", "late_refresh_every"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1) and not (name.startswith("late") and value is None):
+                raise ValueError(f"{name} must be an integer >= 1{' or None' * name.startswith('late')}, "
+                                 f"got {value!r}")
         for name in ("mix_decay_from", "amsgrad_from", "lr_decay_from"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 1):
@@ -283,7 +290,7 @@ class LearnedOptimizer(nn.Module):
             batch = params[0].new_zeros(params[0].shape[0], dtype=torch.float32)
             state.update(initial_params=[p.detach().float().clone() for p in params],
                          grad_sums=[z.clone() for z in zeros], distance=[batch + PRODIGY_D0], distance_numerator=[batch])
-        if self.config.refresh_every > 1:  # placeholder: step 1 always runs the metanetwork
+        if self.reuses_coefficients:  # placeholder: step 1 always runs the metanetwork
             graph = self._graph(self.structure_for([p.shape[1:] for p in params]), params[0].device)
             state["coefficients"] = [params[0].new_zeros(params[0].shape[0], graph.num_neurons,
                                                          self.num_coefficients, dtype=torch.float32)]
@@ -296,8 +303,9 @@ class LearnedOptimizer(nn.Module):
 
         ``step`` counts from 1 (a Python int here: it decides whether the metanetwork runs).
         ``meta_params=None`` uses the module's own parameters; ``lr=None`` the base step size of
-        the config. With ``config.refresh_every > 1`` the state also carries the per-neuron
-        coefficients of the last refresh (``"coefficients"``), reused until the next one; with
+        the config. When the metanetwork does not run every step (``reuses_coefficients``), the
+        state also carries the per-neuron coefficients of the last refresh (``"coefficients"``),
+        reused until the next one; with
         ``config.amsgrad_from`` set, the running maximum of the second moment (``"max_exp_avg_sq"``);
         with ``config.step_size == "prodigy"``, the distance estimate (``"distance"``, [B]) and what it
         is made of (``prodigy_distance``), and the step size is ``lr * distance`` per task.
@@ -328,13 +336,29 @@ class LearnedOptimizer(nn.Module):
                                                                step, structure, reuse)
         rates = [lr.reshape((-1,) + (1,) * (p.dim() - 1)) if isinstance(lr, Tensor) else lr for p in params]
         new_params = [p - r * (d + weight_decay * p) for p, d, r in zip(params, deltas, rates)]
-        if c.refresh_every > 1:
+        if self.reuses_coefficients:
             new_state["coefficients"] = [coefficients]
         return new_params, {**new_state, **extra}
 
     def refreshes(self, step: int) -> bool:
-        """Whether the metanetwork runs at ``step`` (counted from 1): steps 1, 1 + k, 1 + 2k, ..."""
-        return (int(step) - 1) % self.config.refresh_every == 0
+        """Whether the metanetwork runs at ``step`` (counted from 1): steps 1, 1 + k, 1 + 2k, ...
+        up to ``distance_warmup``, then every ``late_refresh_every`` steps from the warm-up's last."""
+        c, step = self.config, int(step)
+        if step <= c.distance_warmup or c.late_refresh_every is None:
+            return (step - 1) % c.refresh_every == 0
+        last = 1 + (c.distance_warmup - 1) // c.refresh_every * c.refresh_every if c.distance_warmup else 1
+        return (step - last) % c.late_refresh_every == 0
+
+    @property
+    def reuses_coefficients(self) -> bool:
+        """Whether some steps reuse the per-neuron outputs of the last refresh."""
+        return self.config.refresh_every > 1 or (self.config.late_refresh_every or 1) > 1
+
+    def refresh_period(self, step: int) -> int:
+        """Steps between the metanetwork's runs around ``step``."""
+        c = self.config
+        return c.refresh_every if int(step) <= c.distance_warmup or c.late_refresh_every is None \
+            else c.late_refresh_every
 
     def uses_max_second_moment(self, step: int) -> bool:
         """Whether ``step`` (counted from 1) reads AMSGrad's running maximum as its second moment."""
@@ -355,7 +379,7 @@ class LearnedOptimizer(nn.Module):
         if step <= c.distance_warmup:
             gap = 1
         elif self.refreshes(step):
-            gap = min(c.refresh_every, step - c.distance_warmup)
+            gap = min(self.refresh_period(step), step - c.distance_warmup)
         else:
             return None
         return self.lr_factor(step) * gap, math.sqrt(c.beta2) ** gap

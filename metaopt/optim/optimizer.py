@@ -87,8 +87,9 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         if learned is None:
             learned = DEFAULT_PATH
         learned = learned if isinstance(learned, LearnedOptimizer) else load_learned(learned)
-        if refresh_every is not None and refresh_every != learned.config.refresh_every:
-            learned = learned.with_config(refresh_every=refresh_every)
+        if refresh_every is not None and (refresh_every, None) != (learned.config.refresh_every,
+                                                                   learned.config.late_refresh_every):
+            learned = learned.with_config(refresh_every=refresh_every, late_refresh_every=None)
         lr = learned.config.lr if lr is None else lr
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
@@ -180,13 +181,15 @@ class MetaNetOptimizer(torch.optim.Optimizer):
             v_sums, p_norms = [v.sum() for v in second], torch._foreach_norm(params)
             g_norm, p_norm = self.learned.mix_normalisers(torch.stack(v_sums), torch.stack(p_norms).square(),
                                                           [max(p.numel(), 1) for p in params], 1 - c.beta2 ** step)
-            fade = self.learned.mix_factor(step)
-            if fade != 1.0:
-                g_norm, p_norm = g_norm * fade, p_norm * fade
-            grad_mix = torch._foreach_mul(multipliers.grad_mix, list(g_norm.unbind()))
-            param_mix = torch._foreach_mul(multipliers.param_mix, list(p_norm.unbind()))
-            torch._foreach_addcmul_(views, [g.reshape(s) for g, s in zip(grads, multipliers.shapes)], grad_mix)
-            torch._foreach_addcmul_(views, [p.reshape(s) for p, s in zip(params, multipliers.shapes)], param_mix)
+            # as Python floats (one sync): the addcmul takes them as its per-tensor scalars, with the
+            # late phase's fade, instead of a multiplication of the mixes per step
+            fade, n = self.learned.mix_factor(step), len(params)
+            norms = torch.cat([g_norm, p_norm]).tolist()
+            norms = norms if fade == 1.0 else [x * fade for x in norms]
+            torch._foreach_addcmul_(views, [g.reshape(s) for g, s in zip(grads, multipliers.shapes)],
+                                    multipliers.grad_mix, norms[:n])
+            torch._foreach_addcmul_(views, [p.reshape(s) for p, s in zip(params, multipliers.shapes)],
+                                    multipliers.param_mix, norms[n:])
         return direction, coefficients
 
     def distance(self) -> float | None:
@@ -208,11 +211,12 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         weight = distance * distance * lr_factor / PRODIGY_D0
         sums = [st["grad_sum"] for st in states]
         moved = torch._foreach_sub([st["initial_param"] for st in states], params)  # x_0 - x
-        torch._foreach_mul_(moved, grads)
+        dots = [torch.dot(m.reshape(-1), g.reshape(-1)) for m, g in zip(moved, grads)]
         torch._foreach_mul_(sums, beta3)
         torch._foreach_add_(sums, grads, alpha=weight)
-        dot = torch.cat([m.reshape(-1) for m in moved]).sum()
-        dot, l1 = torch.stack([dot, torch.stack(torch._foreach_norm(sums, 1)).sum()]).tolist()  # one sync
+        # |s|.sum(), not torch._foreach_norm(sums, 1): 2-4x faster on the CPU (100k-1M parameters)
+        l1s = [s.abs().sum() for s in sums]
+        dot, l1 = torch.stack([torch.stack(dots).sum(), torch.stack(l1s).sum()]).tolist()  # one sync
         numerator = beta3 * group.get("distance_numerator", 0.0) + weight * dot
         estimate = numerator / l1 if l1 > 0 else math.nan
         if math.isfinite(estimate):
@@ -289,7 +293,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
                                            [st["exp_avg_sq"] for st in states], tuple(live_idx),
                                            self.learned.step_scalars(torch.tensor(step), device)
                                            if self.compile else step, structure, reuse, max_exp_avg_sq)
-        if self.learned.config.refresh_every > 1:
+        if self.learned.reuses_coefficients:
             states[0][_COEFFICIENTS] = coefficients
         index = {id(p): i for i, p in enumerate(params)}
         lr_factor = self.learned.lr_factor(step)
