@@ -2,7 +2,7 @@
 
     python benchmarks/late_phase.py [--steps 1000] [--seed 0] [--out DIR]
 
-Without its late phase (``mix_decay_from``, ``lr_decay_from``) the shipped rule fits SIRENs to ~1e-7
+Without its late phase (``mix_decay_from``, ``lr_decay_from``, ``amsgrad_from``) the shipped rule fits SIRENs to ~1e-7
 within its horizon and then is thrown out of the basin (see docs/optimizer.md, "The late phase").
 This trains the suite's SIRENs and a classifier for ``--steps`` steps with the shipped rule, with
 its late phase off or in part, with parts of its metanetwork's output switched off, and with
@@ -47,8 +47,9 @@ VARIANTS = {
     "shipped default": {"fixed": False},
     "shipped default at the fixed lr 1e-2": {},
     "late phase off": {"config": LATE_OFF},
-    "late phase: additive terms fade, no lr decay": {"config": {"lr_decay_from": None}},
-    "late phase: lr decay, no fade": {"config": {"mix_decay_from": None}},
+    "late phase without AMSGrad (the default before 2026-12-05)": {"config": {"amsgrad_from": None}},
+    "late phase: additive terms fade, no lr decay": {"config": {"lr_decay_from": None, "amsgrad_from": None}},
+    "late phase: lr decay, no fade": {"config": {"mix_decay_from": None, "amsgrad_from": None}},
     "late phase: fade + AMSGrad from 100, no lr decay": {"config": {"lr_decay_from": None, "amsgrad_from": 100}},
     "late phase off, additive terms off (max_mix=0)": {"config": {**LATE_OFF, "max_mix": 0.0}},
     "late phase off, parameter term off": {"config": LATE_OFF, "zero": (4, 6)},

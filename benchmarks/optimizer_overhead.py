@@ -3,13 +3,14 @@
     python benchmarks/optimizer_overhead.py [--reps 30] [--device cpu|cuda] [--learned FILE] [--refresh-every K]
 
 For each model: the whole training iteration (zero_grad, forward, backward, step on a batch of
-128) and the optimizer step alone, medians over interleaved repetitions (Adam, ours, Adam, ...),
-reported as ours / Adam. A repetition is as many iterations as the metanetwork's refresh period
-(``refresh_every``), timed as a mean, so every number includes the amortised metanetwork cost.
-For a rule with AMSGrad's running maximum (``amsgrad_from``; not the shipped default), timing
-starts after it has begun, and with Prodigy's step size (``step_size``; the shipped default's)
-after its distance estimate's warm-up (``distance_warmup`` steps, where the estimate is updated
-every step, not only at refreshes): the steady state of most of a run.
+128 from a pool of ``--batches`` random batches, cycled) and the optimizer step alone, medians over
+interleaved repetitions (Adam, ours, Adam, ...), reported as ours / Adam. A repetition is as many
+iterations as the metanetwork's refresh period (after the warm-up: ``late_refresh_every`` if the
+rule has one), timed as a mean, so every number includes the amortised metanetwork cost. Timing
+starts after the rule's warm-up steps: past ``amsgrad_from`` (AMSGrad's running maximum, one more
+tensor in the fused kernel; the shipped default's from step 300) and past ``distance_warmup``
+(Prodigy's step size, where the estimate is updated every step and the metanetwork may run more
+often): the steady state of most of a run.
 Goals: whole iteration <= 1.5x Adam on CPU for 100k+ parameter models, <= 1.2x on GPU for 10M+.
 ``--compile`` measures ``MetaNetOptimizer(compile=True)`` (its first step compiles, tens of
 seconds on a small CPU; the warm-up iterations absorb that). The learned optimizer
@@ -56,22 +57,28 @@ def sync(device):
 
 def learned_for_benchmark(path=DEFAULT_PATH, refresh_every=None) -> LearnedOptimizer:
     learned = load_learned(path)
-    return learned if refresh_every is None else learned.with_config(refresh_every=refresh_every)
+    if refresh_every is None:
+        return learned
+    return learned.with_config(refresh_every=refresh_every, late_refresh_every=None)  # k throughout
 
 
-def measure(name, device, reps, batch, learned, compile=False):
+def measure(name, device, reps, batch, learned, compile=False, batches=32):
     make, in_shape = MODELS[name]
     torch.manual_seed(0)
     nets = {"adam": make().to(device), "ours": make().to(device)}
     opts = {"adam": torch.optim.Adam(nets["adam"].parameters(), lr=1e-3),
             "ours": MetaNetOptimizer(nets["ours"].parameters(), lr=1e-3, learned=learned, compile=compile)}
-    x = torch.randn(batch, *in_shape, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    # a pool of batches, cycled: one batch seen hundreds of times is memorised, its gradients decay
+    # to denormal floats, and every pass over them is slow on x86 CPUs (not what training sees)
+    xs = torch.randn(batches, batch, *in_shape, device=device)
+    ys = torch.randint(0, 10, (batches, batch), device=device)
     whole, step_only = {k: [] for k in nets}, {k: [] for k in nets}
+    seen = {k: 0 for k in nets}
 
     def iteration(k):
+        i = seen[k] = seen[k] + 1
         opts[k].zero_grad()
-        F.cross_entropy(nets[k](x), y).backward()
+        F.cross_entropy(nets[k](xs[i % batches]), ys[i % batches]).backward()
         sync(device)
         t0 = time.perf_counter()
         opts[k].step()
@@ -106,6 +113,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batches", type=int, default=32,
+                    help="distinct batches, cycled (1: the same batch every iteration, as before 2026-12-05)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", nargs="+", default=None, help="substrings of model names to run")
     ap.add_argument("--compile", action="store_true",
@@ -120,7 +129,7 @@ def main():
     if device.type == "cpu" and args.models is None:
         names = [n for n in names if "10M" not in n]  # the 10M model is the GPU goal
     tuned = tune_malloc()
-    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} reps={args.reps} "
+    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch}x{args.batches} reps={args.reps} "
           f"torch={torch.__version__} malloc_tuned={tuned} compile={args.compile} "
           f"max_mix={learned.config.max_mix} refresh_every={learned.config.refresh_every} "
           f"late_refresh_every={learned.config.late_refresh_every}")
@@ -129,7 +138,7 @@ def main():
     print(header)
     print("-" * len(header))
     for name in names:
-        n, wa, wo, sa, so = measure(name, device, args.reps, args.batch, learned, args.compile)
+        n, wa, wo, sa, so = measure(name, device, args.reps, args.batch, learned, args.compile, args.batches)
         print(f"{name:<28} {n:>10,} {wa:>12.2f} {wo:>12.2f} {wo / wa:>9.2f}x {sa:>12.2f} {so:>12.2f} {so / sa:>9.2f}x")
 
 

@@ -45,8 +45,9 @@ def test_ablations_change_the_shipped_update():
 def test_late_phase_variants_switch_off_what_they_say():
     keys = ("mix_decay_from", "amsgrad_from", "lr_decay_from")
     full = lp.make_optimizer(torch.nn.Linear(2, 2), lp.VARIANTS["shipped default"]).learned.config
-    assert full.mix_decay_from and full.lr_decay_from  # the shipped default has a late phase
+    assert full.mix_decay_from and full.lr_decay_from and full.amsgrad_from  # the shipped default has a late phase
     for label, on in (("late phase off", set()),
+                      ("late phase without AMSGrad (the default before 2026-12-05)", {"mix_decay_from", "lr_decay_from"}),
                       ("late phase: additive terms fade, no lr decay", {"mix_decay_from"}),
                       ("late phase: lr decay, no fade", {"lr_decay_from"}),
                       ("late phase: fade + AMSGrad from 100, no lr decay", {"mix_decay_from", "amsgrad_from"})):
