@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._pytree import tree_flatten
 
 from _archs import ARCHS, INPUT_SHAPES, mlp
 from metaopt import LearnedOptimizer, MetaNetOptimizer, WeightSpace, random_hidden_perms
@@ -96,6 +97,21 @@ def test_functional_core_matches_the_optimizer(config):
     # the shell updates moments with foreach kernels, the core with lerp: float32 rounding differs
     for a, b in zip(net.parameters(), params):
         torch.testing.assert_close(a, b[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", [{}, LATE, PRODIGY, {**PRODIGY, "refresh_every": 2}, SHIPPED_LIKE])
+def test_functional_state_keeps_the_structure_init_gives(config):
+    # meta-training flattens the state between truncations and unflattens it with init's structure,
+    # which pairs leaves by position: update must give the same keys in the same order, every step
+    # (with Prodigy's estimate and reused coefficients it once put the coefficients first)
+    torch.manual_seed(0)
+    learned = random_learned(**config)
+    params = [p.detach()[None] for p in mlp(4, 7, 3, 2).parameters()]
+    state = learned.init(params)
+    spec = tree_flatten(state)[1]
+    for step in range(1, 6):
+        params, state = learned.update(None, params, [torch.randn_like(p) for p in params], state, step)
+        assert tree_flatten(state)[1] == spec, step
 
 
 @pytest.mark.parametrize("step", [1, 7, 300])

@@ -37,6 +37,9 @@ NUM_STATS = 5  # per neuron: means of Adam's direction, g, m, v and p^2, each no
 NUM_FLAGS = 6  # has incoming weights, has outgoing weights, lone tensor; log set size, log fan-in, log fan-out
 NUM_OUTPUTS = 7  # log-scales: weight row, weight column, bias; mixes: weight grad, weight param, bias grad, bias param
 STEP_SIZES = ("fixed", "prodigy")
+# the functional state's keys, in the order init and update give them (those the config uses)
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "initial_params", "grad_sums", "distance",
+              "distance_numerator", "coefficients")
 PRODIGY_D0 = 1e-6  # Prodigy's first distance estimate: far too small on purpose, it only grows
 
 
@@ -294,7 +297,7 @@ class LearnedOptimizer(nn.Module):
             graph = self._graph(self.structure_for([p.shape[1:] for p in params]), params[0].device)
             state["coefficients"] = [params[0].new_zeros(params[0].shape[0], graph.num_neurons,
                                                          self.num_coefficients, dtype=torch.float32)]
-        return state
+        return {k: state[k] for k in STATE_KEYS if k in state}
 
     def update(self, meta_params: dict[str, Tensor] | None, params: Sequence[Tensor], grads: Sequence[Tensor],
                state: dict[str, list[Tensor]], step, lr: float | None = None, weight_decay: float = 0.0,
@@ -338,7 +341,10 @@ class LearnedOptimizer(nn.Module):
         new_params = [p - r * (d + weight_decay * p) for p, d, r in zip(params, deltas, rates)]
         if self.reuses_coefficients:
             new_state["coefficients"] = [coefficients]
-        return new_params, {**new_state, **extra}
+        # in init's key order: callers that flatten the state (meta-training between truncations)
+        # unflatten it with the structure init gave, which pairs leaves by position
+        merged = {**new_state, **extra}
+        return new_params, {k: merged[k] for k in STATE_KEYS if k in merged}
 
     def refreshes(self, step: int) -> bool:
         """Whether the metanetwork runs at ``step`` (counted from 1): steps 1, 1 + k, 1 + 2k, ...

@@ -172,8 +172,10 @@ def test_init_from_starts_at_the_saved_meta_parameters_and_names_mismatches(tmp_
     assert not all(torch.equal(fresh.meta_params()[k], v) for k, v in shipped.items())
     # how often the metanetwork runs and its late phase may change in a fine-tune; the problem's rule
     # runs with the new settings, here a late phase from the first inner steps (its state rides along)
+    # two outer steps: the second unroll starts from the state flattened after the first
     every_4 = small.replace(refresh_every=4, late_refresh_every=2, max_mix=0.0, mix_decay_from=1, amsgrad_from=2,
-                            lr_decay_from=3, outer_steps=1, max_horizon=20, min_horizon=10, truncation_length=5)
+                            lr_decay_from=3, outer_steps=2, max_horizon=20, min_horizon=20, truncation_length=5,
+                            stagger=False)
     retuned = MetaTrainer(every_4, build_problem(every_4))
     assert all(torch.equal(retuned.meta_params()[k], v) for k, v in shipped.items())
     config = retuned.problem.opt.config
