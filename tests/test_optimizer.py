@@ -575,14 +575,16 @@ def test_coefficients_saved_by_earlier_versions_are_dropped_on_load():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("config", [{}, SHIPPED_LIKE])
+def test_cuda_matches_cpu(config):
     torch.manual_seed(0)
     net = mlp(4, 7, 3, 2)
     gpu = copy.deepcopy(net).cuda()
     x, y = data()
-    learned = random_learned()
-    train(net, MetaNetOptimizer(net.parameters(), lr=1e-2, learned=learned), 3, x, y)
-    train(gpu, MetaNetOptimizer(gpu.parameters(), lr=1e-2, learned=copy.deepcopy(learned)), 3, x.cuda(), y.cuda())
+    learned = random_learned(**config)
+    lr = 1.0 if config else 1e-2
+    train(net, MetaNetOptimizer(net.parameters(), lr=lr, learned=learned), 6, x, y)
+    train(gpu, MetaNetOptimizer(gpu.parameters(), lr=lr, learned=copy.deepcopy(learned)), 6, x.cuda(), y.cuda())
     for a, b in zip(net.parameters(), gpu.parameters()):
         torch.testing.assert_close(a, b.cpu(), atol=1e-4, rtol=1e-3)
 
