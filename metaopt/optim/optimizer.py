@@ -14,9 +14,11 @@ from .checkpoint import DEFAULT_PATH, CheckpointError, load_learned, load_meta_s
 from .learned import PRODIGY_D0, LearnedOptimizer, LearnedOptimizerConfig, TensorMultipliers
 from .structure import Structure, infer_structure, structure_from_module
 
-# per-parameter float32 state: Adam's moments, AMSGrad's maximum from the rule's amsgrad_from on, and
-# with step_size "prodigy" the initial weights and the weighted gradient sum of the distance estimate
-_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "initial_param", "grad_sum")
+# per-parameter float32 state: Adam's moments, AMSGrad's maximum from the rule's amsgrad_from on,
+# with step_size "prodigy" the initial weights and the weighted gradient sum of the distance estimate,
+# and for bfloat16 / float16 parameters their float32 master copy
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "initial_param", "grad_sum", "master_param")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)  # parameters updated through a float32 master copy
 # the per-neuron coefficients of the last refresh when the learned optimizer reuses them
 # (``refresh_every`` > 1); they describe all neurons, so they live in the state of the first parameter.
 # Renamed from "neuron_coefficients", whose additive-term coefficients had their tensor's 1 / rms of
@@ -77,7 +79,9 @@ class MetaNetOptimizer(torch.optim.Optimizer):
             not shrink with the model, so on small models this is most of the step's overhead over
             Adam; docs/optimizer.md measures what it saves and what it changes.
 
-    The update of step t is computed in float32 whatever the parameter dtype. A step whose
+    The update of step t is computed in float32 whatever the parameter dtype; bfloat16 and float16
+    parameters are updated through a float32 master copy kept in the state (one more tensor per
+    parameter), so steps below their resolution accumulate instead of rounding away. A step whose
     gradients contain NaN or inf is skipped entirely (parameters and state untouched), with one
     warning per kind.
     """
@@ -284,7 +288,16 @@ class MetaNetOptimizer(torch.optim.Optimizer):
                 if "max_exp_avg_sq" not in st:  # from the first such step on: max(0, v) = v
                     st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"])
             max_exp_avg_sq = [st["max_exp_avg_sq"] for st in states]
-        params32 = [_cast(p, torch.float32) for p in params]
+        # bfloat16 / float16 parameters are updated through a float32 master copy (the state's
+        # "master_param"): a step below their resolution would otherwise be rounded away, and with
+        # Prodigy's step size, which starts at 1e-6, the weights would never move and the estimate
+        # never grow. A master that no longer rounds to the parameter (the parameter was set from
+        # outside since the last step) is taken afresh from it
+        low = [p.dtype in _LOW_PRECISION for p in params]
+        for p, st, lo in zip(params, states, low):
+            if lo and ("master_param" not in st or not torch.equal(st["master_param"].to(p.dtype), p)):
+                st["master_param"] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        params32 = [st["master_param"] if lo else _cast(p, torch.float32) for p, st, lo in zip(params, states, low)]
         if not self.compile and device.type in ("cpu", "cuda"):  # torch has fused Adam kernels for these
             deltas, coefficients = self._fused_deltas(params32, grads32, states, live_idx, step, structure, reuse,
                                                       max_exp_avg_sq)
@@ -303,13 +316,15 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, wd = group["lr"] * lr_factor, group["weight_decay"]
             chosen = [index[id(p)] for p in group["params"] if live[index[id(p)]]]
-            targets = [params[i] for i in chosen]
+            targets = [params32[i] if low[i] else params[i] for i in chosen]  # the masters of low precision
             if not targets:
                 continue
             if wd:
                 torch._foreach_mul_(targets, 1 - lr * wd)
-            updates = [_cast(deltas[i].view(params[i].shape), params[i].dtype) for i in chosen]
+            updates = [_cast(deltas[i].view(t.shape), t.dtype) for i, t in zip(chosen, targets)]
             torch._foreach_add_(targets, updates, alpha=-lr)
+            if any(low[i] for i in chosen):
+                torch._foreach_copy_([params[i] for i in chosen if low[i]], [params32[i] for i in chosen if low[i]])
         return loss
 
     # ------------------------------------------------------------------ checkpoints
