@@ -67,7 +67,7 @@ def measure(name, device, reps, batch, learned, compile=False, batches=32):
     torch.manual_seed(0)
     nets = {"adam": make().to(device), "ours": make().to(device)}
     opts = {"adam": torch.optim.Adam(nets["adam"].parameters(), lr=1e-3),
-            "ours": MetaNetOptimizer(nets["ours"].parameters(), lr=1e-3, learned=learned, compile=compile)}
+            "ours": MetaNetOptimizer(nets["ours"].parameters(), learned=learned, compile=compile)}
     # a pool of batches, cycled: one batch seen hundreds of times is memorised, its gradients decay
     # to denormal floats, and every pass over them is slow on x86 CPUs (not what training sees)
     xs = torch.randn(batches, batch, *in_shape, device=device)

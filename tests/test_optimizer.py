@@ -274,6 +274,24 @@ def test_low_precision_parameters_train_through_a_float32_master_copy(dtype):
     assert (p.float() - 0.25).abs().max() < 0.05
 
 
+def test_an_adam_like_lr_with_the_automatic_step_size_warns_and_the_fixed_rule_takes_it():
+    # lr multiplies Prodigy's estimate: at 1e-3 the estimate never grows and nothing trains
+    net = mlp(4, 7, 3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MetaNetOptimizer(net.parameters())  # the default multiplier, 1.0: silent
+        fixed = MetaNetOptimizer(net.parameters(), lr=1e-3, learned=load_learned().with_config(step_size="fixed"))
+    with pytest.warns(RuntimeWarning, match="lr=0.001 multiplies"):
+        MetaNetOptimizer(net.parameters(), lr=1e-3)
+    opt = MetaNetOptimizer([{"params": net[0].parameters()}], lr=1.0)
+    with pytest.warns(RuntimeWarning, match="lr=0.01 multiplies"):
+        opt.add_param_group({"params": net[2].parameters(), "lr": 1e-2})
+    # the fixed rule at an Adam lr trains
+    x, y = data()
+    losses = train(net, fixed, 50, x, y)
+    assert losses[-1] < 0.97 * losses[0]
+
+
 def test_non_finite_gradients_skip_the_step_and_warn_once():
     torch.manual_seed(0)
     net = mlp(3, 5, 2)

@@ -110,6 +110,8 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         self._compiled = None
         # the last refresh's coefficients and their TensorMultipliers, reused until the next refresh
         self._multipliers: tuple[Tensor, TensorMultipliers] | None = None
+        for group in self.param_groups:
+            self._check_multiplier(group["lr"])
         self._learned_device: torch.device | None = None
 
     # ------------------------------------------------------------------ structure
@@ -130,6 +132,15 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         names = [n for g in self.param_groups for n in g.get("param_names", [])] or None
         return self.structure().describe(names)
 
+    def _check_multiplier(self, lr: float) -> None:
+        """An Adam-like lr with Prodigy's step size stalls training: say so (once)."""
+        if self.learned.config.step_size == "prodigy" and lr < 0.1:
+            self._warn_once("lr", f"MetaNetOptimizer: lr={lr:g} multiplies this rule's automatic step size "
+                                  f"(Prodigy's distance estimate, which starts at 1e-6; default lr 1.0). Below 0.1 "
+                                  f"the estimate grows slowly or, from 0.01 down, not at all, and training stalls. "
+                                  f"Leave lr unset, or for a fixed Adam-like step size pass "
+                                  f"learned=metaopt.optim.load_learned().with_config(step_size='fixed')")
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         bad = [(i, p.dtype) for i, p in enumerate(self.param_groups[-1]["params"]) if not p.is_floating_point()]
@@ -140,6 +151,8 @@ class MetaNetOptimizer(torch.optim.Optimizer):
                             f"floating-point weights (for a complex tensor, optimize torch.view_as_real of it "
                             f"as a real parameter)")
         self._structure = None
+        if hasattr(self, "learned"):  # not while __init__ adds the first groups: it checks them after
+            self._check_multiplier(self.param_groups[-1]["lr"])
 
     def _compiled_direction(self, device: torch.device):
         if self._compiled is None:
