@@ -1,0 +1,177 @@
+"""The shipped default on training tasks meta-training never showed it, to 10x its horizon, against Adam.
+
+    python benchmarks/unseen_tasks.py [--steps 3000] [--seeds 2] [--out DIR]
+
+``unseen_models.py`` asks whether the rule copes with kinds of layers (a fixed random batch,
+200 steps). This asks whether it trains real objectives it was not meta-trained on, for as long
+as 10x its horizon: logistic regression on the bundled 8x8 digits (full batch, convex), a tanh
+MLP regressing sin(3x) from minibatches, an autoencoder of the digits with a 16-unit ReLU
+bottleneck, and a one-layer transformer that learns to reverse a sequence. Each optimizer sees
+the same inits and batches. Reported per task, means over seeds: the loss at the meta-training
+horizon (mean of steps 270-299) and at the end (mean of the last 10% of steps), how far the end is
+above the lowest loss reached (``end/lowest``: a rule that loses what it found), and the seeds
+that diverged (non-finite, or an end above twice the first loss). Writes ``report.md`` and
+``curves.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from metaopt import MetaNetOptimizer  # noqa: E402
+
+HORIZON = 300  # the shipped default's meta-training horizon
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x / 16, dtype=torch.float32), torch.tensor(y)
+
+
+def logistic_regression(seed: int):
+    x, y = _digits()
+    torch.manual_seed(seed)
+    model = nn.Linear(64, 10)
+    return model, lambda g: F.cross_entropy(model(x), y)
+
+
+def sine_regression(seed: int):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(1, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    x = torch.linspace(-3, 3, 1024)[:, None]
+    y = torch.sin(3 * x)
+
+    def loss(g):
+        i = torch.randint(0, len(x), (64,), generator=g)
+        return F.mse_loss(model(x[i]), y[i])
+    return model, loss
+
+
+def autoencoder(seed: int):
+    x, _ = _digits()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 64))
+
+    def loss(g):
+        i = torch.randint(0, len(x), (128,), generator=g)
+        return F.mse_loss(model(x[i]), x[i])
+    return model, loss
+
+
+class SequenceReverser(nn.Module):
+    """Embedding plus learned positions -> one transformer encoder layer -> linear: reverse 10 tokens."""
+
+    def __init__(self, vocab: int = 12, length: int = 10, width: int = 32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.randn(length, width) * 0.02)
+        self.layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(width, vocab)
+
+    def forward(self, tokens):
+        return self.out(self.layer(self.emb(tokens) + self.pos))
+
+
+def sequence_reversal(seed: int):
+    torch.manual_seed(seed)
+    model = SequenceReverser()
+
+    def loss(g):
+        tokens = torch.randint(0, 12, (64, 10), generator=g)
+        return F.cross_entropy(model(tokens).reshape(-1, 12), tokens.flip(1).reshape(-1))
+    return model, loss
+
+
+TASKS = {"logistic regression, digits (full batch)": logistic_regression,
+         "sin(3x) regression, tanh MLP 64x2": sine_regression,
+         "digits autoencoder, 16-unit ReLU bottleneck": autoencoder,
+         "transformer layer, reverse 10 tokens": sequence_reversal}
+OPTIMIZERS = {"learned": lambda m: MetaNetOptimizer(m.parameters()),
+              "Adam 1e-3": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
+              "Adam 1e-2": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)}
+
+
+def train(task: Callable, make_optimizer: Callable, steps: int, seed: int) -> np.ndarray:
+    """Training losses of one run; a non-finite loss ends it (the rest stays NaN)."""
+    model, loss_fn = task(seed)
+    opt, g = make_optimizer(model), torch.Generator().manual_seed(seed)
+    losses = np.full(steps, np.nan)
+    for t in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(g)
+        losses[t] = loss.item()
+        if not math.isfinite(losses[t]):
+            break
+        loss.backward()
+        opt.step()
+    return losses
+
+
+def summarize(runs: list[np.ndarray]) -> dict:
+    steps = len(runs[0])
+    ends = [float(np.mean(r[-max(1, steps // 10):])) for r in runs]
+    at_horizon = [float(np.mean(r[HORIZON - 30:HORIZON])) for r in runs] if steps >= HORIZON else ends
+    lowest = [float(np.nanmin(r)) for r in runs]
+    return {"horizon": float(np.mean(at_horizon)), "end": float(np.mean(ends)),
+            "end_over_lowest": max(e / lo if lo > 0 else math.inf for e, lo in zip(ends, lowest)),
+            "diverged": sum(not math.isfinite(e) or e > 2 * r[0] for e, r in zip(ends, runs)),
+            "curve": np.nanmean(np.stack(runs), 0)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10 * HORIZON)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (small models: 1 is fastest)")
+    ap.add_argument("--out", default="out/unseen_tasks")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {name: {k: summarize([train(task, make, args.steps, s) for s in range(args.seeds)])
+                      for k, make in OPTIMIZERS.items()} for name, task in TASKS.items()}
+    lines = [f"## The shipped default on unseen tasks ({args.steps} steps, {args.seeds} seeds)", "",
+             f"| task | optimizer | loss at step {HORIZON} | loss at the end | end / lowest | diverged |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, by_opt in results.items():
+        for i, (k, r) in enumerate(by_opt.items()):
+            lines.append(f"| {name if i == 0 else ''} | {k} | {r['horizon']:.3g} | {r['end']:.3g} | "
+                         f"{r['end_over_lowest']:.1f} | {r['diverged']}/{args.seeds} |")
+    for when in ("horizon", "end"):
+        beats = {k: sum(results[n]["learned"][when] < results[n][k][when] for n in TASKS) for k in list(OPTIMIZERS)[1:]}
+        lines.append(f"\nLearned optimizer, loss at {'step ' + str(HORIZON) if when == 'horizon' else 'the end'}: "
+                     + ", ".join(f"lower than {k} on {v}/{len(TASKS)}" for k, v in beats.items()) + ".")
+    diverged = [n for n in TASKS if results[n]["learned"]["diverged"]]
+    lines.append(f"Diverged (learned): {', '.join(diverged) or 'none'}.")
+    report = "\n".join(lines)
+    print(report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(report + "\n")
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.2))
+    for ax, (name, by_opt) in zip(np.atleast_1d(axes), results.items()):
+        for k, r in by_opt.items():
+            ax.plot(np.arange(1, args.steps + 1), r["curve"], label=k, lw=1)
+        ax.axvline(HORIZON, color="grey", ls="--", lw=0.8)
+        ax.set(xscale="log", yscale="log", title=name, xlabel="step")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+    fig.suptitle("mean training loss over seeds; dashed: meta-training horizon")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    print(f"wrote {out / 'report.md'}, {out / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main()
