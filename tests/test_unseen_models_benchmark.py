@@ -21,9 +21,9 @@ TRAINABLE = [name for name in um.MODELS if not name.startswith("deep tanh")]
 @pytest.mark.parametrize("name", TRAINABLE)
 def test_shipped_default_trains_models_it_was_not_shown(name):
     # the default refreshes its metanetwork every 4 steps (every 8 after step 100); the additive
-    # terms' normalisers must be this step's: norm-layer biases start at exactly zero, and 1 / rms(p) of step 1 (~1e15),
-    # reused at step 2, once threw the transformer, the LSTM and the BatchNorm CNN to losses of
-    # 1e28 or NaN
+    # terms' normalisers must be this step's: norm-layer biases start at exactly zero, and
+    # 1 / rms(p) of step 1 (~1e15), reused at step 2, once threw the transformer, the LSTM and the
+    # BatchNorm CNN to losses of 1e28 or NaN
     moved, before = [], []  # the largest change of any parameter in each step
 
     def make_optimizer(model):
