@@ -350,10 +350,14 @@ class LearnedOptimizer(nn.Module):
         """Whether the metanetwork runs at ``step`` (counted from 1): steps 1, 1 + k, 1 + 2k, ...
         up to ``distance_warmup``, then every ``late_refresh_every`` steps from the warm-up's last."""
         c, step = self.config, int(step)
-        if step <= c.distance_warmup or c.late_refresh_every is None:
+        if not self._late_period(step):
             return (step - 1) % c.refresh_every == 0
         last = 1 + (c.distance_warmup - 1) // c.refresh_every * c.refresh_every if c.distance_warmup else 1
         return (step - last) % c.late_refresh_every == 0
+
+    def _late_period(self, step: int) -> bool:
+        """Whether ``step`` is past the warm-up of a rule that then refreshes every ``late_refresh_every``."""
+        return self.config.late_refresh_every is not None and int(step) > self.config.distance_warmup
 
     @property
     def reuses_coefficients(self) -> bool:
@@ -362,9 +366,7 @@ class LearnedOptimizer(nn.Module):
 
     def refresh_period(self, step: int) -> int:
         """Steps between the metanetwork's runs around ``step``."""
-        c = self.config
-        return c.refresh_every if int(step) <= c.distance_warmup or c.late_refresh_every is None \
-            else c.late_refresh_every
+        return self.config.late_refresh_every if self._late_period(step) else self.config.refresh_every
 
     def uses_max_second_moment(self, step: int) -> bool:
         """Whether ``step`` (counted from 1) reads AMSGrad's running maximum as its second moment."""

@@ -100,18 +100,17 @@ class MetaNetOptimizer(torch.optim.Optimizer):
             raise ValueError(f"invalid learning rate {lr}")
         if weight_decay < 0:
             raise ValueError(f"invalid weight_decay {weight_decay}")
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        # before the groups are added: add_param_group checks their lr against the rule
         self.learned = learned
         self.learned.requires_grad_(False)
+        self._warned: set[str] = set()
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.module = module
         self._structure: Structure | None = None
-        self._warned: set[str] = set()
         self.compile = compile
         self._compiled = None
         # the last refresh's coefficients and their TensorMultipliers, reused until the next refresh
         self._multipliers: tuple[Tensor, TensorMultipliers] | None = None
-        for group in self.param_groups:
-            self._check_multiplier(group["lr"])
         self._learned_device: torch.device | None = None
 
     # ------------------------------------------------------------------ structure
@@ -151,8 +150,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
                             f"floating-point weights (for a complex tensor, optimize torch.view_as_real of it "
                             f"as a real parameter)")
         self._structure = None
-        if hasattr(self, "learned"):  # not while __init__ adds the first groups: it checks them after
-            self._check_multiplier(self.param_groups[-1]["lr"])
+        self._check_multiplier(self.param_groups[-1]["lr"])
 
     def _compiled_direction(self, device: torch.device):
         if self._compiled is None:
