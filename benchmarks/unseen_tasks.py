@@ -18,27 +18,36 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Callable
 
-import matplotlib
+# This folder holds benchmarks/tasks.py; drop it from the import path so that `import tasks`
+# finds the package (repository root) rather than that script.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+import tasks  # noqa: E402
 from metaopt import MetaNetOptimizer  # noqa: E402
 
 HORIZON = 300  # the shipped default's meta-training horizon
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = load_digits(return_X_y=True)
-    return torch.tensor(x / 16, dtype=torch.float32), torch.tensor(y)
+    """The 1,437 training digits of ``tasks.load_digits``, flattened to 64 features."""
+    x, y = tasks.load_digits("train")
+    return x.flatten(1), y
 
 
 def logistic_regression(seed: int):
