@@ -1,13 +1,16 @@
 """Symmetry is correctness: every equivariant or invariant piece, on every test architecture,
 commutes with random coupled hidden permutations and does *not* commute with uncoupled ones."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from _archs import ARCHS, batch, max_diff, permute_inputs, uncoupled
 from metaopt import random_hidden_perms
-from metaopt.layers import ChannelDropout, DWSLinear, Elementwise, InvariantPool, NPLinear, WeightSpaceNorm
+from metaopt.layers import (ChannelDropout, DWSLinear, Elementwise, FourierFeatures, InvariantPool, NPLinear,
+                            WeightSpaceNorm)
 from metaopt.models import NFN, DWSNet, DeepSets, InvariantDWSNet, InvariantNFN, StatNN
 
 EQUIVARIANT = {
@@ -19,6 +22,7 @@ EQUIVARIANT = {
     "dwsnet": lambda s, c: DWSNet(s, c, 2, hidden_channels=6, num_layers=4),
     "norm": lambda s, c: WeightSpaceNorm(2 * s.num_layers, c),
     "gelu": lambda s, c: Elementwise(nn.GELU()),
+    "fourier": lambda s, c: FourierFeatures(c, 3, scale=0.5),
 }
 INVARIANT = {
     "inv_nfn": lambda s, c: InvariantNFN(s, c, 3, hidden_channels=6),
@@ -30,6 +34,8 @@ INVARIANT = {
     "pool_np_meanmax": lambda s, c: InvariantPool(s, pooling="meanmax"),
     "pool_dws_meanmax": lambda s, c: InvariantPool(s, keep_io=True, pooling="meanmax"),
     "inv_dwsnet_meanmax": lambda s, c: InvariantDWSNet(s, c, 3, hidden_channels=6, pooling="meanmax"),
+    "fourier_inv_dwsnet": lambda s, c: nn.Sequential(FourierFeatures(c, 2, scale=1.0),
+                                                     InvariantDWSNet(s, c + 4, 3, hidden_channels=6)),
 }
 TOL = 2e-5  # float32: a few ulps of the largest activations
 
@@ -77,7 +83,7 @@ def test_equivariant_layers_see_uncoupled_permutations(arch, kind):
 
 
 # (StatNN and DeepSets read per-tensor statistics: blind to coupling by design, the weaker baselines.)
-@pytest.mark.parametrize("kind", ["inv_nfn", "inv_dwsnet", "inv_dwsnet_meanmax"])
+@pytest.mark.parametrize("kind", ["inv_nfn", "inv_dwsnet", "inv_dwsnet_meanmax", "fourier_inv_dwsnet"])
 @pytest.mark.parametrize("arch", ["mlp3", "cnn2d_gap"])
 def test_invariant_models_see_uncoupled_permutations(kind, arch):
     ws = batch(arch, n=2)
@@ -138,3 +144,29 @@ def test_channel_dropout_is_equivariant_per_sample():
     torch.manual_seed(7)
     b = drop(ws).permute_hidden(perms)
     assert max_diff(a, b) == 0 and max_diff(a, ws.permute_hidden(perms)) > 0
+
+
+def test_fourier_features_encode_each_value_alone():
+    ws = batch("cnn2d_flatten", n=2, channels=2)
+    torch.manual_seed(0)
+    enc = FourierFeatures(2, 3, scale=0.5)
+    out = enc(ws)
+    assert out.channels == enc.out_channels == 2 + 2 * 3
+    for t, e in zip(ws.tensors(), out.tensors()):
+        assert e.shape == (t.shape[0], 8, *t.shape[2:]) and torch.equal(e[:, :2], t)  # the values themselves first
+        phase = 2 * math.pi * torch.einsum("bc...,cm->bm...", t, enc.frequencies)
+        assert torch.allclose(e[:, 2:5], phase.sin(), atol=1e-5) and torch.allclose(e[:, 5:], phase.cos(), atol=1e-5)
+    flipped = enc(ws.map(torch.neg))  # the cosines are even: blind to a sign flip, the sines are not
+    assert max_diff(flipped.weights[0][:, 5:], out.weights[0][:, 5:]) < 1e-6
+    assert max_diff(flipped.weights[0][:, 2:5], out.weights[0][:, 2:5]) > 1e-2
+    assert FourierFeatures(2, 3, keep_input=False)(ws).channels == 6
+    assert "frequencies" in enc.state_dict()  # drawn once, saved with the model
+
+
+def test_fourier_features_reject_bad_settings_and_inputs():
+    with pytest.raises(ValueError, match="num_features >= 1 and scale > 0"):
+        FourierFeatures(1, 0)
+    with pytest.raises(ValueError, match="scale > 0"):
+        FourierFeatures(1, 4, scale=0.0)
+    with pytest.raises(ValueError, match="built for 1 input channel.*has 2"):
+        FourierFeatures(1, 4)(batch("mlp3", n=1, channels=2))

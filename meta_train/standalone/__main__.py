@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--pooling", choices=POOLINGS, default="mean",
                             help="invariant pooling of ours/ours_np: mean, or mean and max over hidden neurons "
                                  "(default mean)")
+            sp.add_argument("--fourier-features", type=int, default=0, metavar="M",
+                            help="every model reads M random Fourier features (sin and cos) of each normalized "
+                                 "weight besides the weight itself (default 0: off)")
+            sp.add_argument("--fourier-scale", type=float, default=ModelConfig.fourier_scale,
+                            help="std of those features' frequencies, in normalized-weight units "
+                                 f"(default {ModelConfig.fourier_scale})")
         if name in ("classify", "regress"):
             sp.add_argument("--sign-flips", action="store_true",
                             help="also flip the signs of random hidden sine neurons in training batches (an exact "
@@ -187,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         model_cfg = ModelConfig(args.hidden_channels, args.num_layers, args.head_hidden, args.dropout,
-                                getattr(args, "pooling", ModelConfig.pooling))
+                                getattr(args, "pooling", ModelConfig.pooling),
+                                getattr(args, "fourier_features", ModelConfig.fourier_features),
+                                getattr(args, "fourier_scale", ModelConfig.fourier_scale))
         train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                 weight_decay=args.weight_decay, patience=args.patience, augment=not args.no_augment,
                                 sign_flips=getattr(args, "sign_flips", TrainConfig.sign_flips),

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from metaopt.layers import FourierFeatures
 from metaopt.models import DeepSets, FlatMLP, InvariantDWSNet, InvariantNFN, StatNN
 from metaopt.optim.checkpoint import atomic_write
 from metaopt.weight_space import WeightSpace, WeightSpaceSpec
@@ -158,6 +159,8 @@ class ModelConfig:
     head_hidden: int = 128  # MLP heads and the flat/stat MLP widths
     dropout: float = 0.0
     pooling: str = "mean"  # invariant pooling of ours/ours_np: "mean" or "meanmax" (metaopt.layers.InvariantPool)
+    fourier_features: int = 0  # > 0: every model reads metaopt.layers.FourierFeatures of the (normalized) weights
+    fourier_scale: float = 0.2  # std of their frequencies, in units of the normalized weights
 
 
 def parse_models(text: str | Sequence[str]) -> list[str]:
@@ -181,7 +184,7 @@ class NFNInvariant(nn.Module):
     """
 
     def __init__(self, spec: WeightSpaceSpec, out_features: int, hidden_channels: int = 16, num_layers: int = 3,
-                 head_hidden: int = 128, dropout: float = 0.0):
+                 head_hidden: int = 128, dropout: float = 0.0, in_channels: int = 1):
         super().__init__()
         try:
             from nfn.layers import HNPPool, NPLinear, TupleOp
@@ -189,7 +192,7 @@ class NFNInvariant(nn.Module):
             raise StandaloneError("model 'nfn' needs the nfn package: pip install nfn==0.1.2 einops") from e
         nspec = nfn_network_spec(spec)
         layers: list[nn.Module] = []
-        c = 1
+        c = in_channels
         for _ in range(num_layers):
             layers += [NPLinear(nspec, c, hidden_channels, io_embed=True), TupleOp(nn.ReLU())]
             c = hidden_channels
@@ -237,22 +240,34 @@ def nfn_network_spec(spec: WeightSpaceSpec):
 
 
 def build_model(name: str, spec: WeightSpaceSpec, out_features: int, cfg: ModelConfig = ModelConfig()) -> nn.Module:
-    """A model mapping one-channel weight spaces of ``spec`` to ``[B, out_features]``."""
+    """A model mapping one-channel weight spaces of ``spec`` to ``[B, out_features]``.
+
+    With ``cfg.fourier_features``, every model, peers included, reads the same kind of encoded
+    input (a :class:`~metaopt.layers.FourierFeatures` in front), so a table compares models, not
+    inputs."""
+    encoder = FourierFeatures(1, cfg.fourier_features, cfg.fourier_scale) if cfg.fourier_features else None
+    c = encoder.out_channels if encoder is not None else 1
+    model = _build_trunk_and_head(name, spec, out_features, cfg, c)
+    return nn.Sequential(encoder, model) if encoder is not None else model
+
+
+def _build_trunk_and_head(name: str, spec: WeightSpaceSpec, out_features: int, cfg: ModelConfig, c: int
+                          ) -> nn.Module:
     h, L = cfg.hidden_channels, cfg.num_layers
     if name == "ours":
-        return InvariantDWSNet(spec, 1, out_features, hidden_channels=h, num_layers=L, head_hidden=cfg.head_hidden,
+        return InvariantDWSNet(spec, c, out_features, hidden_channels=h, num_layers=L, head_hidden=cfg.head_hidden,
                                dropout=cfg.dropout, pooling=cfg.pooling)
     if name == "ours_np":
-        return InvariantNFN(spec, 1, out_features, hidden_channels=h, num_layers=L, head_hidden=cfg.head_hidden,
+        return InvariantNFN(spec, c, out_features, hidden_channels=h, num_layers=L, head_hidden=cfg.head_hidden,
                             dropout=cfg.dropout, pooling=cfg.pooling)
     if name == "nfn":
-        return NFNInvariant(spec, out_features, h, L, cfg.head_hidden, cfg.dropout)
+        return NFNInvariant(spec, out_features, h, L, cfg.head_hidden, cfg.dropout, in_channels=c)
     if name == "flat":
-        return FlatMLP(spec, 1, out_features, hidden=cfg.head_hidden, depth=3, dropout=cfg.dropout)
+        return FlatMLP(spec, c, out_features, hidden=cfg.head_hidden, depth=3, dropout=cfg.dropout)
     if name == "statnn":
-        return StatNN(spec, 1, out_features, hidden=cfg.head_hidden, depth=3)
+        return StatNN(spec, c, out_features, hidden=cfg.head_hidden, depth=3)
     if name == "deepsets":
-        return DeepSets(spec, 1, out_features, hidden=cfg.head_hidden)
+        return DeepSets(spec, c, out_features, hidden=cfg.head_hidden)
     raise StandaloneError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 

@@ -4,8 +4,8 @@ from .base import EquivariantLinear, NeuronLayout
 from .dws import DWSLinear, HNPLinear
 from .norm import WeightSpaceNorm
 from .np import NPLinear
-from .pointwise import ChannelDropout, Elementwise
+from .pointwise import ChannelDropout, Elementwise, FourierFeatures
 from .pooling import POOLINGS, InvariantPool
 
 __all__ = ["EquivariantLinear", "NeuronLayout", "NPLinear", "DWSLinear", "HNPLinear", "InvariantPool", "POOLINGS",
-           "Elementwise", "ChannelDropout", "WeightSpaceNorm"]
+           "Elementwise", "ChannelDropout", "FourierFeatures", "WeightSpaceNorm"]

@@ -52,12 +52,14 @@ def _uncoupled(ws, g):
 INVARIANT = [m for m in MODELS if m != "flat"]
 
 
+@pytest.mark.parametrize("fourier", [0, 2])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("name", INVARIANT)
-def test_heads_are_invariant_to_hidden_permutations(arch, name):
+def test_heads_are_invariant_to_hidden_permutations(arch, name, fourier):
     ws = _batch(arch)
     torch.manual_seed(1)
-    model = build_model(name, ws.spec, 3, ModelConfig(hidden_channels=5, num_layers=2, head_hidden=16)).eval()
+    cfg = ModelConfig(hidden_channels=5, num_layers=2, head_hidden=16, fourier_features=fourier)
+    model = build_model(name, ws.spec, 3, cfg).eval()
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         out = model(ws)

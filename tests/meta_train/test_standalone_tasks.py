@@ -11,6 +11,7 @@ from torch import nn
 from meta_train.standalone.__main__ import main
 from meta_train.standalone.classify import Classification
 from meta_train.standalone.generalization import Generalization, kendall_tau
+from meta_train.standalone.regress import Regression
 from meta_train.standalone.harness import ModelConfig, StandaloneError, TrainConfig, run_supervised
 from meta_train.standalone.smalldata import digits_inrs, sine_inrs, split_column
 from metaopt import WeightSpace
@@ -80,6 +81,20 @@ def test_meanmax_pooling_and_sign_flips_from_the_command_line(digits_dir, zoo_di
     assert main(["regress", "--data", str(zoo_dir), "--out", str(tmp_path / "z"), "--target", "test_accuracy",
                  "--sign-flips", *FAST]) == 2
     assert "not a SIREN dataset" in capsys.readouterr().err
+
+
+def test_fourier_features_from_the_command_line_reach_every_model(sine_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["regress", "--data", str(sine_dir), "--out", str(out), "--models", ALL, "--fourier-features", "3",
+                 "--fourier-scale", "0.5", *FAST]) == 0
+    payload, _ = _results(out)
+    assert payload["model_config"]["fourier_features"] == 3 and payload["model_config"]["fourier_scale"] == 0.5
+    assert all(math.isfinite(r["test_mse"]) for r in payload["rows"])
+    plain = {r["model"]: r["params"] for r in run_supervised(
+        Regression(), str(sine_dir), tmp_path / "plain", ALL.split(","), ModelConfig(hidden_channels=4, num_layers=2,
+        head_hidden=16), TrainConfig(epochs=1, progress=False))}
+    for row in payload["rows"]:  # each model's first layer reads 1 + 2 * 3 channels instead of 1
+        assert row["params"] > plain[row["model"]], row["model"]
 
 
 def test_canonical_signs_from_the_command_line(digits_dir, zoo_dir, tmp_path, capsys):
