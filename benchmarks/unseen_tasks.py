@@ -6,12 +6,14 @@
 200 steps). This asks whether it trains real objectives it was not meta-trained on, for as long
 as 10x its horizon: logistic regression on the bundled 8x8 digits (full batch, convex), a tanh
 MLP regressing sin(3x) from minibatches, an autoencoder of the digits with a 16-unit ReLU
-bottleneck, and a one-layer transformer that learns to reverse a sequence. Each optimizer sees
-the same inits and batches. Reported per task, means over seeds: the loss at the meta-training
-horizon (mean of steps 270-299) and at the end (mean of the last 10% of steps), how far the end is
-above the lowest loss reached (``end/lowest``: a rule that loses what it found), and the seeds
-that diverged (non-finite, or an end above twice the first loss). Writes ``report.md`` and
-``curves.png`` to ``--out``.
+bottleneck, a one-layer transformer that learns to reverse a sequence, and (added on 2026-12-05)
+a VAE and a convolutional autoencoder of the digits, a GRU that counts, ill-conditioned least
+squares, a low-rank matrix factorization, a deep ReLU MLP, a BatchNorm ResNet, a wide sigmoid MLP
+and a Huber regression with outliers. Each optimizer sees the same inits and batches. Reported
+per task, means over seeds: the loss at the meta-training horizon (mean of steps 270-299) and at
+the end (mean of the last 10% of steps), how far the end is above the lowest loss reached
+(``end/lowest``: a rule that loses what it found), and the seeds that diverged (non-finite, or an
+end above twice the first loss). Writes ``report.md`` and ``curves.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -104,10 +106,144 @@ def sequence_reversal(seed: int):
     return model, loss
 
 
+def _batch(g, n: int, size: int = 128) -> torch.Tensor:
+    return torch.randint(0, n, (size,), generator=g)
+
+
+def vae(seed: int):
+    """A VAE of the digits: ReLU MLPs, an 8-d Gaussian latent, MSE reconstruction plus 0.1 KL."""
+    x, _ = _digits()
+    torch.manual_seed(seed)
+    model = nn.ModuleDict({"enc": nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)),
+                           "dec": nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64))})
+
+    def loss(g):
+        xb = x[_batch(g, len(x))]
+        mu, log_var = model["enc"](xb).chunk(2, dim=1)
+        z = mu + torch.randn(mu.shape, generator=g) * (0.5 * log_var).exp()
+        reconstruction = (model["dec"](z) - xb).square().sum(1).mean()
+        kl = -0.5 * (1 + log_var - mu.square() - log_var.exp()).sum(1).mean()
+        return reconstruction + 0.1 * kl
+    return model, loss
+
+
+def conv_autoencoder(seed: int):
+    """Conv 8 -> strided conv 4 -> transposed conv 8 -> conv 1 on the 8x8 digits."""
+    images = tasks.load_digits("train")[0][:, None]
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.ConvTranspose2d(4, 8, 4, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 1, 3, padding=1))
+
+    def loss(g):
+        xb = images[_batch(g, len(images))]
+        return F.mse_loss(model(xb), xb)
+    return model, loss
+
+
+class BitCounter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.gru, self.out = nn.Embedding(2, 16), nn.GRU(16, 32, batch_first=True), nn.Linear(32, 1)
+
+    def forward(self, bits):
+        return self.out(self.gru(self.emb(bits))[0][:, -1])[:, 0]
+
+
+def gru_counting(seed: int):
+    """A GRU reads 20 random bits and regresses how many are ones (divided by 10)."""
+    torch.manual_seed(seed)
+    model = BitCounter()
+
+    def loss(g):
+        bits = torch.randint(0, 2, (64, 20), generator=g)
+        return F.mse_loss(model(bits), bits.float().sum(1) / 10)
+    return model, loss
+
+
+def least_squares(seed: int):
+    """Full-batch linear least squares whose feature scales span 100x (condition number ~1e2)."""
+    g0 = torch.Generator().manual_seed(100 + seed)
+    a = torch.randn(200, 20, generator=g0) * torch.logspace(0, -2, 20)
+    b = a @ torch.randn(20, 1, generator=g0)
+    torch.manual_seed(seed)
+    model = nn.Linear(20, 1)
+    return model, lambda g: F.mse_loss(model(a), b)
+
+
+def matrix_factorization(seed: int):
+    """U V^T fits a rank-4 50x40 matrix from a small init (full batch; a non-convex landscape)."""
+    g0 = torch.Generator().manual_seed(100 + seed)
+    target = torch.randn(50, 4, generator=g0) @ torch.randn(4, 40, generator=g0)
+    torch.manual_seed(seed)
+    model = nn.ParameterDict({"u": nn.Parameter(0.1 * torch.randn(50, 8)), "v": nn.Parameter(0.1 * torch.randn(40, 8))})
+    return model, lambda g: F.mse_loss(model["u"] @ model["v"].T, target)
+
+
+def _digit_classifier(model: nn.Module, images: bool = False):
+    inputs, labels = tasks.load_digits("train")
+    inputs = inputs[:, None] if images else inputs.flatten(1)
+
+    def loss(g):
+        i = _batch(g, len(labels))
+        return F.cross_entropy(model(inputs[i]), labels[i])
+    return model, loss
+
+
+def deep_relu_mlp(seed: int):
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(64, 64), nn.ReLU()]
+    for _ in range(6):
+        layers += [nn.Linear(64, 64), nn.ReLU()]
+    return _digit_classifier(nn.Sequential(*layers, nn.Linear(64, 10)))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+def batchnorm_resnet(seed: int):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), ResidualBlock(16),
+                          ResidualBlock(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    return _digit_classifier(model, images=True)
+
+
+def sigmoid_mlp(seed: int):
+    torch.manual_seed(seed)
+    return _digit_classifier(nn.Sequential(nn.Linear(64, 256), nn.Sigmoid(), nn.Linear(256, 10)))
+
+
+def huber_regression(seed: int):
+    """A ReLU MLP fits a noisy linear target with 5% gross outliers under the Huber loss (full batch)."""
+    g0 = torch.Generator().manual_seed(100 + seed)
+    x = torch.randn(512, 10, generator=g0)
+    y = x @ torch.randn(10, 1, generator=g0) + 0.1 * torch.randn(512, 1, generator=g0)
+    y[:25] += 20
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
+    return model, lambda g: F.huber_loss(model(x), y)
+
+
 TASKS = {"logistic regression, digits (full batch)": logistic_regression,
          "sin(3x) regression, tanh MLP 64x2": sine_regression,
          "digits autoencoder, 16-unit ReLU bottleneck": autoencoder,
-         "transformer layer, reverse 10 tokens": sequence_reversal}
+         "transformer layer, reverse 10 tokens": sequence_reversal,
+         "digits VAE, 8-d latent": vae,
+         "digits conv autoencoder, 4-channel bottleneck": conv_autoencoder,
+         "GRU counting ones in 20 bits": gru_counting,
+         "least squares, condition ~1e2 (full batch)": least_squares,
+         "rank-4 matrix factorization (full batch)": matrix_factorization,
+         "8-layer ReLU MLP, digits": deep_relu_mlp,
+         "BatchNorm ResNet, digits": batchnorm_resnet,
+         "sigmoid MLP 256, digits": sigmoid_mlp,
+         "Huber regression, 5% outliers (full batch)": huber_regression}
 OPTIMIZERS = {"learned": lambda m: MetaNetOptimizer(m.parameters()),
               "Adam 1e-3": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
               "Adam 1e-2": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)}
@@ -168,8 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(report + "\n")
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.2))
-    for ax, (name, by_opt) in zip(np.atleast_1d(axes), results.items()):
+    cols = min(4, len(TASKS))
+    rows = math.ceil(len(TASKS) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(TASKS):]:
+        ax.set_visible(False)
+    for ax, (name, by_opt) in zip(axes.flat, results.items()):
         for k, r in by_opt.items():
             ax.plot(np.arange(1, args.steps + 1), r["curve"], label=k, lw=1)
         ax.axvline(HORIZON, color="grey", ls="--", lw=0.8)
