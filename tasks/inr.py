@@ -44,6 +44,32 @@ INR_DATASETS = ("fashion_mnist", "fashion_mnist_8x8", "digits", "sine")
 SIREN_INITS = ("sitzmann", "dwsnets")
 
 
+def _numpy_ok(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad
+
+
+def fast_sin(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``torch.sin``, through numpy's SIMD sine for contiguous float32 CPU tensors.
+
+    Why: on this project's CPUs numpy's float32 sine is 2.4x faster than torch's (210 us against
+    512 us for 400k values, the same 6e-8 largest error against float64), and the sines and
+    cosines of the hidden layer are a third of a SIREN fit's time (docs/standalone.md)."""
+    return _elementwise(np.sin, torch.sin, x, out)
+
+
+def fast_cos(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``torch.cos`` the same way as :func:`fast_sin`."""
+    return _elementwise(np.cos, torch.cos, x, out)
+
+
+def _elementwise(np_fn, torch_fn, x: Tensor, out: Tensor | None) -> Tensor:
+    if not (_numpy_ok(x) and (out is None or _numpy_ok(out))):
+        return torch_fn(x, out=out) if out is not None else torch_fn(x)
+    out = torch.empty_like(x) if out is None else out
+    np_fn(x.numpy(), out=out.numpy())
+    return out
+
+
 def siren_bounds(w0: float, init: str = "sitzmann", sine_layers: int = 1):
     """``bounds(position, fan_in) -> (weight, bias)`` of the uniform init named ``init``."""
     if init not in SIREN_INITS:
@@ -190,7 +216,9 @@ class SirenFit:
     * the backward pass reuses forward buffers in place and folds ``w0`` into the small weights;
     * all members' parameters live in one flat ``[P, D]`` buffer, so Adam is a handful of
       big tensor ops for the whole population;
-    * members run in chunks so a chunk's activations stay in cache.
+    * members run in chunks so a chunk's activations stay in cache;
+    * on CPU the sines and cosines go through numpy's SIMD sine (:func:`fast_sin`), 2.4x faster
+      than torch's here.
 
     ``torch.compile`` is deliberately not used: on CPU, inductor fuses the factorised
     first layer back into one loop over all pixels and evaluates the four small sines and
@@ -260,9 +288,9 @@ class SirenFit:
         w0 = self.w0
         a = w0 * torch.addcmul(b[:, None, :], self.axes[0][None, :, None], w[:, None, :, 0])  # [p, n0, H]
         if len(self.axes) == 1:
-            return torch.sin(a), torch.cos(a)
+            return fast_sin(a), fast_cos(a)
         c = w0 * (self.axes[1][None, :, None] * w[:, None, :, 1])  # [p, n1, H]
-        sa, ca, sc, cc = torch.sin(a)[:, :, None], torch.cos(a)[:, :, None], torch.sin(c)[:, None], torch.cos(c)[:, None]
+        sa, ca, sc, cc = fast_sin(a)[:, :, None], fast_cos(a)[:, :, None], fast_sin(c)[:, None], fast_cos(c)[:, None]
         p, H = w.shape[0], w.shape[1]
         sin = torch.mul(sa, cc).addcmul_(ca, sc).view(p, -1, H)
         cos = torch.mul(ca, cc).addcmul_(sa, sc, value=-1.0).view(p, -1, H)
@@ -288,7 +316,7 @@ class SirenFit:
         inputs, pre = [h], []  # inputs of the later layers; pre-activations of the hidden ones
         for layer in layers[1:-1]:
             a = torch.baddbmm(w0 * layer.bias[:, None, :], h, (w0 * layer.weight).transpose(1, 2))
-            h = torch.sin(a)
+            h = fast_sin(a)
             pre.append(a)
             inputs.append(h)
         last = layers[-1]
@@ -299,7 +327,7 @@ class SirenFit:
         grads = [torch.bmm(g.transpose(1, 2), h), g.sum(1)]
         dh = g * last.weight  # [p, N, H]
         for layer, a, h_in in zip(reversed(layers[1:-1]), reversed(pre), reversed(inputs[:-1])):
-            dz = dh.mul_(a.cos_())  # dL/da, overwriting dh and the spent pre-activation
+            dz = dh.mul_(fast_cos(a, out=a))  # dL/da, overwriting dh and the spent pre-activation
             grads = [torch.bmm(dz.transpose(1, 2), h_in).mul_(w0), dz.sum(1).mul_(w0)] + grads
             dh = torch.bmm(dz, w0 * layer.weight)
         dz = dh.mul_(cos1).view(dh.shape[0], *self.shape, -1)  # dL/d(first pre-activation), on the grid

@@ -139,3 +139,22 @@ def test_dropping_members_leaves_the_others_unchanged():
         torch.testing.assert_close(v, full.params()[k][keep], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="boolean mask of shape"):
         part.keep(torch.tensor([True, False]))
+
+
+def test_fast_sine_and_cosine_match_torch():
+    from tasks.inr import fast_cos, fast_sin
+
+    x = torch.linspace(-200.0, 200.0, 100_001).reshape(11, -1)  # SIREN pre-activations reach ~w0 * |Wx + b|
+    for fast, ref in ((fast_sin, torch.sin), (fast_cos, torch.cos)):
+        assert torch.allclose(fast(x), ref(x), atol=2e-6, rtol=0)
+        out = torch.empty_like(x)
+        assert fast(x, out=out) is out and torch.allclose(out, ref(x), atol=2e-6, rtol=0)
+        y = x.clone()
+        fast(y, out=y)  # in place, as the backward pass uses it
+        assert torch.allclose(y, ref(x), atol=2e-6, rtol=0)
+        # what numpy cannot take goes to torch: float64, a transposed view, a tensor that needs grad
+        assert torch.equal(fast(x.double()), ref(x.double()))
+        assert torch.allclose(fast(x.t()), ref(x.t()), atol=2e-6, rtol=0)
+        w = x[:2, :5].clone().requires_grad_()
+        fast(w).sum().backward()
+        assert w.grad is not None
