@@ -46,10 +46,16 @@ from metaopt import MetaNetOptimizer  # noqa: E402
 HORIZON = 300  # the shipped default's meta-training horizon
 
 
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 1,437 training digits of ``tasks.load_digits``, flattened to 64 features."""
+def _digits(images: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1,437 training digits of ``tasks.load_digits``: flattened to 64 features, or with
+    ``images`` as one-channel 8x8 images."""
     x, y = tasks.load_digits("train")
-    return x.flatten(1), y
+    return (x[:, None] if images else x.flatten(1)), y
+
+
+def _batch(g, n: int, size: int = 128) -> torch.Tensor:
+    """Indices of a minibatch of ``size`` out of ``n`` examples."""
+    return torch.randint(0, n, (size,), generator=g)
 
 
 def logistic_regression(seed: int):
@@ -66,7 +72,7 @@ def sine_regression(seed: int):
     y = torch.sin(3 * x)
 
     def loss(g):
-        i = torch.randint(0, len(x), (64,), generator=g)
+        i = _batch(g, len(x), 64)
         return F.mse_loss(model(x[i]), y[i])
     return model, loss
 
@@ -77,7 +83,7 @@ def autoencoder(seed: int):
     model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 64))
 
     def loss(g):
-        i = torch.randint(0, len(x), (128,), generator=g)
+        i = _batch(g, len(x))
         return F.mse_loss(model(x[i]), x[i])
     return model, loss
 
@@ -106,10 +112,6 @@ def sequence_reversal(seed: int):
     return model, loss
 
 
-def _batch(g, n: int, size: int = 128) -> torch.Tensor:
-    return torch.randint(0, n, (size,), generator=g)
-
-
 def vae(seed: int):
     """A VAE of the digits: ReLU MLPs, an 8-d Gaussian latent, MSE reconstruction plus 0.1 KL."""
     x, _ = _digits()
@@ -129,7 +131,7 @@ def vae(seed: int):
 
 def conv_autoencoder(seed: int):
     """Conv 8 -> strided conv 4 -> transposed conv 8 -> conv 1 on the 8x8 digits."""
-    images = tasks.load_digits("train")[0][:, None]
+    images, _ = _digits(images=True)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2, padding=1),
                           nn.ReLU(), nn.ConvTranspose2d(4, 8, 4, stride=2, padding=1), nn.ReLU(),
@@ -181,8 +183,7 @@ def matrix_factorization(seed: int):
 
 
 def _digit_classifier(model: nn.Module, images: bool = False):
-    inputs, labels = tasks.load_digits("train")
-    inputs = inputs[:, None] if images else inputs.flatten(1)
+    inputs, labels = _digits(images)
 
     def loss(g):
         i = _batch(g, len(labels))

@@ -108,11 +108,11 @@ class LearnedOptimizerConfig:
             raise ValueError(f"step_size must be one of {STEP_SIZES}, got {self.step_size!r}")
         if not (isinstance(self.distance_warmup, int) and self.distance_warmup >= 0):
             raise ValueError(f"distance_warmup must be an integer step >= 0, got {self.distance_warmup!r}")
-        for name in ("refresh_every", "late_refresh_every"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1) and not (name.startswith("late") and value is None):
-                raise ValueError(f"{name} must be an integer >= 1{' or None' * name.startswith('late')}, "
-                                 f"got {value!r}")
+        if not (isinstance(self.refresh_every, int) and self.refresh_every >= 1):
+            raise ValueError(f"refresh_every must be an integer >= 1, got {self.refresh_every!r}")
+        late = self.late_refresh_every
+        if late is not None and not (isinstance(late, int) and late >= 1):
+            raise ValueError(f"late_refresh_every must be an integer >= 1 or None, got {late!r}")
         for name in ("mix_decay_from", "amsgrad_from", "lr_decay_from"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 1):
