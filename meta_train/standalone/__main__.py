@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="flip each hidden sine neuron of every network so its bias is >= 0 before "
                                  "training: the sign symmetry removed instead of augmented (SIREN datasets "
                                  "only; excludes --sign-flips)")
+        if name == "classify":
+            sp.add_argument("--image-warps", action="store_true",
+                            help="redraw each training INR as a slightly rotated, zoomed, shifted or mirrored image "
+                                 "(exact edits of its first layer; 2-D INR datasets only)")
         if name == "regress":
             sp.add_argument("--target", default="frequency", help="metadata column to regress")
         if name == "classify":
@@ -200,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 weight_decay=args.weight_decay, patience=args.patience, augment=not args.no_augment,
                                 sign_flips=getattr(args, "sign_flips", TrainConfig.sign_flips),
                                 canonical_signs=getattr(args, "canonical_signs", TrainConfig.canonical_signs),
+                                image_warps=getattr(args, "image_warps", TrainConfig.image_warps),
                                 seed=args.seed, device=args.device, progress=not args.no_progress)
         command = "python -m meta_train.standalone " + shlex.join(argv)
         models = args.models or ",".join({"edit": EDIT_DEFAULT, "adapt": EDITORS}.get(args.task, DEFAULT_MODELS))

@@ -15,6 +15,12 @@ ways an invariant-by-construction model is *not* blind to, so contrastive traini
 :func:`canonical_signs` goes the other way for the sign flips: it maps a network and all its
 sign-flipped twins to one representative, so a model need not learn them at all.
 :func:`gaussian_noise` is an inexact augmentation (nearby functions), the usual SimCLR companion.
+
+:func:`image_warp` is not a symmetry: it changes the image a 2-D SIREN draws, by a small random
+rotation, scaling, translation and mirror, as image classifiers augment their inputs. For an INR
+``f`` the warped image ``f(A x + t)`` is exact in weight space, because ``x`` enters only the first
+layer: ``W1 <- W1 A`` and ``b1 <- b1 + W1 t``. So a weight-space classifier gets the image
+augmentations a CNN would, without rendering or refitting anything.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from torch import Tensor
 
 from metaopt.weight_space import WeightSpace, random_hidden_perms
 
-__all__ = ["siren_symmetry", "sign_flip", "bias_shift", "canonical_signs", "gaussian_noise", "permute"]
+__all__ = ["siren_symmetry", "sign_flip", "bias_shift", "canonical_signs", "gaussian_noise", "permute", "random_warps",
+           "warp_inputs", "image_warp"]
 
 
 def _check_linear(ws: WeightSpace, what: str) -> None:
@@ -104,3 +111,47 @@ def gaussian_noise(ws: WeightSpace, std: float, generator: torch.Generator | Non
     if std == 0:
         return ws
     return ws.map(lambda t: t + std * torch.randn(t.shape, generator=generator).to(t))
+
+
+def random_warps(n: int, generator: torch.Generator | None = None, degrees: float = 10.0, scale: float = 0.1,
+                 shift: float = 0.1, mirror: bool = True) -> tuple[Tensor, Tensor]:
+    """``n`` random affine maps ``x -> A x + t`` of the plane: ``A`` ([n, 2, 2]) a rotation by up to
+    ``degrees``, a zoom by a factor in ``[1 - scale, 1 + scale]`` and, with ``mirror``, a flip of
+    the second (column) axis with probability 1/2; ``t`` ([n, 2]) uniform in ``[-shift, shift]^2``."""
+    if degrees < 0 or not 0 <= scale < 1 or shift < 0:
+        raise ValueError(f"warps need degrees >= 0, 0 <= scale < 1 and shift >= 0, got {degrees}, {scale}, {shift}")
+    u = torch.rand(n, 5, generator=generator) * 2 - 1  # angle, zoom, mirror, two shifts: uniform in [-1, 1]
+    angle = u[:, 0] * math.radians(degrees)
+    zoom = 1 + u[:, 1] * scale
+    flip = torch.where(u[:, 2] < 0, -1.0, 1.0) if mirror else torch.ones(n)
+    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+    A = torch.stack([torch.stack([cos, -sin * flip], -1), torch.stack([sin, cos * flip], -1)], -2)
+    return A, u[:, 3:] * shift
+
+
+def warp_inputs(ws: WeightSpace, A: Tensor, t: Tensor) -> WeightSpace:
+    """Network ``i`` of ``ws`` (any activation) becomes ``x -> f_i(A[i] x + t[i])``: its first
+    layer's weight times ``A[i]`` and its bias plus that weight times ``t[i]``. Raw weights in and out."""
+    _check_linear(ws, "warp_inputs")
+    d = ws.spec.layers[0].n_in
+    if A.shape != (ws.batch_size, d, d) or t.shape != (ws.batch_size, d):
+        raise ValueError(f"warp_inputs needs A [{ws.batch_size}, {d}, {d}] and t [{ws.batch_size}, {d}] for "
+                         f"{ws.batch_size} networks reading {d} coordinates; got {tuple(A.shape)} and {tuple(t.shape)}")
+    w, b = ws.weights[0], ws.biases[0]  # [B, C, H, d], [B, C, H]
+    A, t = A.to(w), t.to(w)
+    weights, biases = list(ws.weights), list(ws.biases)
+    weights[0] = w @ A[:, None]
+    biases[0] = b + (w @ t[:, None, :, None]).squeeze(-1)
+    return WeightSpace(weights, biases, ws.spec)
+
+
+def image_warp(ws: WeightSpace, generator: torch.Generator | None = None, degrees: float = 10.0,
+               scale: float = 0.1, shift: float = 0.1, mirror: bool = True) -> WeightSpace:
+    """Each 2-D INR of ``ws`` redrawn through its own :func:`random_warps` (``shift`` in grid units:
+    the pixel grid spans [-1, 1], so 0.1 is 1.35 pixels of a 28x28 image). Label-preserving for
+    small values, like a CNN's augmentations of its input images."""
+    _check_linear(ws, "image_warp")
+    if ws.spec.layers[0].n_in != 2:
+        raise ValueError(f"image_warp redraws 2-D images; this weight space's first layer reads "
+                         f"{ws.spec.layers[0].n_in} coordinates: [{ws.spec}]")
+    return warp_inputs(ws, *random_warps(ws.batch_size, generator, degrees, scale, shift, mirror))

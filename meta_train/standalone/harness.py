@@ -26,7 +26,7 @@ from metaopt.weight_space import WeightSpace, WeightSpaceSpec
 from tasks.make_data import IMAGE_SIZES
 from tasks.weight_data import WeightDataset
 
-from .augment import canonical_signs, permute, sign_flip
+from .augment import canonical_signs, image_warp, permute, sign_flip
 
 __all__ = ["MODELS", "DEFAULT_MODELS", "ModelConfig", "TrainConfig", "Normalizer", "Splits", "load_splits",
            "build_model", "NFNInvariant", "to_nfn", "from_nfn", "nfn_network_spec", "train_model", "predict",
@@ -286,6 +286,7 @@ class TrainConfig:
     augment: bool = True  # random hidden permutations of every training batch
     sign_flips: bool = False  # and random sign flips of hidden sine neurons (SIREN data only; supervised tasks)
     canonical_signs: bool = False  # instead, every network's sine neurons with biases >= 0 (SIREN data only)
+    image_warps: bool = False  # random small rotations, zooms, shifts, mirrors of 2-D INRs' images (classify)
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -302,22 +303,39 @@ def require_siren(info: dict, what: str) -> None:
                               f"dataset records no w0: it is not a SIREN dataset")
 
 
-def sign_flip_transform(splits: Splits, also_permute: bool = True
-                        ) -> Callable[[WeightSpace, torch.Generator], WeightSpace]:
-    """Training-batch augmentation for SIREN data: each hidden sine neuron flips sign with probability
-    1/2 (exact, since sine is odd; see :mod:`.augment`), then hidden permutations when ``also_permute``.
+def siren_transform(splits: Splits, sign_flips: bool = False, image_warps: bool = False,
+                    canonical: bool = False, also_permute: bool = True
+                    ) -> Callable[[WeightSpace, torch.Generator], WeightSpace]:
+    """Training-batch augmentation for SIREN data, on raw weights (normalization subtracts
+    per-tensor means, so these maps of normalized values would not be exact), then hidden
+    permutations when ``also_permute``:
 
-    Why: an invariant model is blind to permutations, so they add nothing for it; sign flips are a
-    symmetry it does *not* have built in, so each flip shows it a new network with the same label.
-    The flips act on raw weights (normalization subtracts per-tensor means, so a flip of normalized
-    values would not be exact). Bias shifts by ``k pi / w0``, the other SIREN symmetry, are left out:
-    they move trained biases far outside the range the test networks have.
+    * ``image_warps``: :func:`.augment.image_warp`, each network redrawn as a slightly rotated,
+      zoomed, shifted or mirrored image (then the canonical form again, with ``canonical``, since a
+      shifted first-layer bias can change sign). Not a symmetry: the image augmentations of a CNN.
+    * ``sign_flips``: each hidden sine neuron flips sign with probability 1/2 (exact, since sine is
+      odd). An invariant model is blind to permutations, so they add nothing for it; sign flips are
+      a symmetry it does *not* have built in, so each flip shows it a new network with the same
+      label. Bias shifts by ``k pi / w0``, the other SIREN symmetry, are left out: they move trained
+      biases far outside the range the test networks have.
     """
-    require_siren(splits.info, "sign flips")
+    if sign_flips:
+        require_siren(splits.info, "sign flips")
+    first = splits.spec.layers[0]
+    if image_warps and (first.kind != "linear" or first.kernel or first.n_in != 2):
+        raise StandaloneError(f"image warps redraw 2-D images, so the networks must read 2 coordinates in a "
+                              f"linear first layer; this dataset's are [{splits.spec}]")
     norm = splits.normalizer
 
     def transform(ws: WeightSpace, generator: torch.Generator) -> WeightSpace:
-        ws = norm(sign_flip(norm.inverse(ws), generator))
+        raw = norm.inverse(ws)
+        if image_warps:
+            raw = image_warp(raw, generator)
+            if canonical:
+                raw = canonical_signs(raw)
+        if sign_flips:
+            raw = sign_flip(raw, generator)
+        ws = norm(raw)
         return permute(ws, generator) if also_permute else ws
 
     return transform
@@ -483,9 +501,10 @@ def run_supervised(objective: Objective, data: str | Path | WeightDataset, out: 
         raise StandaloneError("sign flips and canonical signs exclude each other: the flips would undo the "
                               "canonical form (pick one)")
     splits = load_splits(data, [objective.column], device, canonical=train_cfg.canonical_signs)
+    transform = (siren_transform(splits, train_cfg.sign_flips, train_cfg.image_warps, train_cfg.canonical_signs,
+                                 train_cfg.augment) if train_cfg.sign_flips or train_cfg.image_warps else None)
     out_features = objective.setup(splits)
     targets = {s: objective.targets(splits, s).to(device) for s in ("train", "val", "test")}
-    transform = sign_flip_transform(splits, train_cfg.augment) if train_cfg.sign_flips else None
     sign = 1.0 if objective.higher_is_better else -1.0
     rows = []
     for name in models:

@@ -166,6 +166,70 @@ def test_canonical_signs_pick_one_representative_per_sign_orbit(sizes):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("sizes", [(2, 8, 6, 1), (2, 5, 7, 4, 3), (3, 6, 1)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_warp_inputs_redraws_the_signal_at_warped_coordinates(sizes, relu):
+    """f_i(A_i x + t_i) exactly, for SIRENs and ReLU MLPs, any input dimension."""
+    nets = [_mlp(*sizes) for _ in range(3)] if relu else _sirens(sizes=sizes)
+    ws = WeightSpace.from_modules(nets)
+    g = torch.Generator().manual_seed(0)
+    d = sizes[0]
+    A = torch.randn(3, d, d, generator=g)
+    t = torch.randn(3, d, generator=g) * 0.3
+    out = augment.warp_inputs(ws, A, t)
+    coords = torch.rand(50, d) * 2 - 1
+    with torch.no_grad():
+        after = _render(out, nets[0], coords)
+        expected = torch.stack([net(coords @ A[i].T + t[i]) for i, net in enumerate(nets)])
+    torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
+    for a, b in zip(out.tensors()[2:], ws.tensors()[2:]):  # only the first layer changes
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="warp_inputs needs A"):
+        augment.warp_inputs(ws, A[:2], t[:2])
+
+
+def test_random_warps_stay_within_their_ranges():
+    A, t = augment.random_warps(4000, torch.Generator().manual_seed(0), degrees=10, scale=0.1, shift=0.2)
+    det = torch.linalg.det(A)
+    zoom = det.abs().sqrt()
+    assert zoom.min() >= 0.9 - 1e-5 and zoom.max() <= 1.1 + 1e-5 and zoom.max() > 1.09
+    assert 0.45 < (det < 0).float().mean() < 0.55  # mirrored half the time
+    angle = torch.atan2(A[:, 1, 0], A[:, 0, 0]).abs()
+    assert angle.max() <= math.radians(10) + 1e-5 and angle.max() > math.radians(9.5)
+    assert t.abs().max() <= 0.2 and t.abs().max() > 0.19
+    A, _ = augment.random_warps(100, torch.Generator().manual_seed(0), mirror=False)
+    assert (torch.linalg.det(A) > 0).all()
+    with pytest.raises(ValueError, match="scale < 1"):
+        augment.random_warps(2, scale=1.5)
+
+
+def test_image_warp_commutes_with_permutations_and_needs_2d_inputs():
+    ws = WeightSpace.from_modules(_sirens(n=4))
+    perms = random_hidden_perms(ws.spec, torch.Generator().manual_seed(1), batch_size=ws.batch_size)
+    a = augment.image_warp(ws.permute_hidden(perms), torch.Generator().manual_seed(2))
+    b = augment.image_warp(ws, torch.Generator().manual_seed(2)).permute_hidden(perms)
+    for x, y in zip(a.tensors(), b.tensors()):
+        torch.testing.assert_close(x, y)
+    with pytest.raises(ValueError, match="redraws 2-D images"):
+        augment.image_warp(WeightSpace.from_modules(_sirens(sizes=(1, 16, 1))))
+
+
+def test_image_warp_training_augmentation_keeps_canonical_signs():
+    """A warp shifts first-layer biases, so the canonical form is taken again after it."""
+    from meta_train.standalone.harness import siren_transform
+
+    nets = _sirens(n=6)
+    with torch.no_grad():  # first-layer biases near 0 once _siren_splits subtracts 0.2, so warps flip their signs
+        for net in nets:
+            net[0].bias.copy_(0.2 + 0.01 * torch.randn(net[0].bias.shape))
+    splits = _siren_splits(nets, canonical=True)
+    out = siren_transform(splits, image_warps=True, canonical=True)(splits.train, torch.Generator().manual_seed(0))
+    raw = splits.normalizer.inverse(out)
+    assert all((b >= -1e-5).all() for b in raw.biases[:-1])
+    warped = augment.image_warp(splits.normalizer.inverse(splits.train), torch.Generator().manual_seed(0))
+    assert any((b < -1e-3).any() for b in warped.biases[:-1])  # without it some would be negative
+
+
 def test_an_uncompensated_sign_flip_changes_the_signal():
     """Negating a neuron without negating its outgoing weights is *not* a symmetry: the render test sees it."""
     nets = _sirens()
@@ -233,11 +297,11 @@ def _siren_splits(nets, canonical=False, info=None):
 def test_sign_flip_training_augmentation_is_exact_in_raw_units():
     """The flips act on raw weights: a flip of normalized values would not be a symmetry once the
     normalizer has subtracted a per-tensor mean (the +0.3/-0.2 offsets make those means far from 0)."""
-    from meta_train.standalone.harness import sign_flip_transform
+    from meta_train.standalone.harness import siren_transform
 
     nets = _sirens(n=6)
     splits = _siren_splits(nets)
-    out = sign_flip_transform(splits)(splits.train, torch.Generator().manual_seed(0))
+    out = siren_transform(splits, sign_flips=True)(splits.train, torch.Generator().manual_seed(0))
     changed = max((a - b).abs().max().item() for a, b in zip(out.tensors(), splits.train.tensors()))
     assert changed > 1e-2
     coords = torch.rand(100, 2) * 2 - 1
@@ -252,10 +316,10 @@ def test_sign_flip_training_augmentation_is_exact_in_raw_units():
 
 
 def test_sign_flips_and_canonical_signs_need_a_siren_dataset():
-    from meta_train.standalone.harness import StandaloneError, sign_flip_transform
+    from meta_train.standalone.harness import StandaloneError, siren_transform
 
     with pytest.raises(StandaloneError, match="not a SIREN dataset"):
-        sign_flip_transform(_siren_splits(_sirens(n=4), info={}))
+        siren_transform(_siren_splits(_sirens(n=4), info={}), sign_flips=True)
     with pytest.raises(StandaloneError, match="not a SIREN dataset"):
         _siren_splits(_sirens(n=4), canonical=True, info={})
 

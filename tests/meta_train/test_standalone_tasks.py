@@ -97,6 +97,17 @@ def test_fourier_features_from_the_command_line_reach_every_model(sine_dir, tmp_
         assert row["params"] > plain[row["model"]], row["model"]
 
 
+def test_image_warps_from_the_command_line(digits_dir, sine_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["classify", "--data", str(digits_dir), "--out", str(out), "--models", "ours", "--image-warps",
+                 "--canonical-signs", *FAST]) == 0
+    payload, _ = _results(out)
+    assert payload["train_config"]["image_warps"] is True and math.isfinite(payload["rows"][0]["test_accuracy"])
+    assert main(["classify", "--data", str(sine_dir), "--out", str(tmp_path / "sine"), "--target", "frequency",
+                 "--image-warps", *FAST]) == 2
+    assert "redraw 2-D images" in capsys.readouterr().err
+
+
 def test_canonical_signs_from_the_command_line(digits_dir, zoo_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["classify", "--data", str(digits_dir), "--out", str(out), "--models", "ours", "--canonical-signs",
