@@ -303,12 +303,12 @@ def require_siren(info: dict, what: str) -> None:
                               f"dataset records no w0: it is not a SIREN dataset")
 
 
-def siren_transform(splits: Splits, sign_flips: bool = False, image_warps: bool = False,
-                    canonical: bool = False, also_permute: bool = True
-                    ) -> Callable[[WeightSpace, torch.Generator], WeightSpace]:
-    """Training-batch augmentation for SIREN data, on raw weights (normalization subtracts
-    per-tensor means, so these maps of normalized values would not be exact), then hidden
-    permutations when ``also_permute``:
+def batch_augmentation(splits: Splits, sign_flips: bool = False, image_warps: bool = False,
+                       canonical: bool = False, also_permute: bool = True
+                       ) -> Callable[[WeightSpace, torch.Generator], WeightSpace]:
+    """Training-batch augmentations that act on raw weights (normalization subtracts per-tensor
+    means, so these maps of normalized values would not be exact), then hidden permutations when
+    ``also_permute``:
 
     * ``image_warps``: :func:`.augment.image_warp`, each network redrawn as a slightly rotated,
       zoomed, shifted or mirrored image (then the canonical form again, with ``canonical``, since a
@@ -501,8 +501,10 @@ def run_supervised(objective: Objective, data: str | Path | WeightDataset, out: 
         raise StandaloneError("sign flips and canonical signs exclude each other: the flips would undo the "
                               "canonical form (pick one)")
     splits = load_splits(data, [objective.column], device, canonical=train_cfg.canonical_signs)
-    transform = (siren_transform(splits, train_cfg.sign_flips, train_cfg.image_warps, train_cfg.canonical_signs,
-                                 train_cfg.augment) if train_cfg.sign_flips or train_cfg.image_warps else None)
+    transform = None
+    if train_cfg.sign_flips or train_cfg.image_warps:
+        transform = batch_augmentation(splits, train_cfg.sign_flips, train_cfg.image_warps, train_cfg.canonical_signs,
+                                       train_cfg.augment)
     out_features = objective.setup(splits)
     targets = {s: objective.targets(splits, s).to(device) for s in ("train", "val", "test")}
     sign = 1.0 if objective.higher_is_better else -1.0

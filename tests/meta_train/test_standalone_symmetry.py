@@ -216,14 +216,14 @@ def test_image_warp_commutes_with_permutations_and_needs_2d_inputs():
 
 def test_image_warp_training_augmentation_keeps_canonical_signs():
     """A warp shifts first-layer biases, so the canonical form is taken again after it."""
-    from meta_train.standalone.harness import siren_transform
+    from meta_train.standalone.harness import batch_augmentation
 
     nets = _sirens(n=6)
     with torch.no_grad():  # first-layer biases near 0 once _siren_splits subtracts 0.2, so warps flip their signs
         for net in nets:
             net[0].bias.copy_(0.2 + 0.01 * torch.randn(net[0].bias.shape))
     splits = _siren_splits(nets, canonical=True)
-    out = siren_transform(splits, image_warps=True, canonical=True)(splits.train, torch.Generator().manual_seed(0))
+    out = batch_augmentation(splits, image_warps=True, canonical=True)(splits.train, torch.Generator().manual_seed(0))
     raw = splits.normalizer.inverse(out)
     assert all((b >= -1e-5).all() for b in raw.biases[:-1])
     warped = augment.image_warp(splits.normalizer.inverse(splits.train), torch.Generator().manual_seed(0))
@@ -297,11 +297,11 @@ def _siren_splits(nets, canonical=False, info=None):
 def test_sign_flip_training_augmentation_is_exact_in_raw_units():
     """The flips act on raw weights: a flip of normalized values would not be a symmetry once the
     normalizer has subtracted a per-tensor mean (the +0.3/-0.2 offsets make those means far from 0)."""
-    from meta_train.standalone.harness import siren_transform
+    from meta_train.standalone.harness import batch_augmentation
 
     nets = _sirens(n=6)
     splits = _siren_splits(nets)
-    out = siren_transform(splits, sign_flips=True)(splits.train, torch.Generator().manual_seed(0))
+    out = batch_augmentation(splits, sign_flips=True)(splits.train, torch.Generator().manual_seed(0))
     changed = max((a - b).abs().max().item() for a, b in zip(out.tensors(), splits.train.tensors()))
     assert changed > 1e-2
     coords = torch.rand(100, 2) * 2 - 1
@@ -316,10 +316,10 @@ def test_sign_flip_training_augmentation_is_exact_in_raw_units():
 
 
 def test_sign_flips_and_canonical_signs_need_a_siren_dataset():
-    from meta_train.standalone.harness import StandaloneError, siren_transform
+    from meta_train.standalone.harness import StandaloneError, batch_augmentation
 
     with pytest.raises(StandaloneError, match="not a SIREN dataset"):
-        siren_transform(_siren_splits(_sirens(n=4), info={}), sign_flips=True)
+        batch_augmentation(_siren_splits(_sirens(n=4), info={}), sign_flips=True)
     with pytest.raises(StandaloneError, match="not a SIREN dataset"):
         _siren_splits(_sirens(n=4), canonical=True, info={})
 
