@@ -30,10 +30,10 @@ import math
 import torch
 from torch import Tensor
 
-from metaopt.weight_space import WeightSpace, random_hidden_perms
+from metaopt.weight_space import WeightSpace, WeightSpaceSpec, random_hidden_perms
 
 __all__ = ["siren_symmetry", "sign_flip", "bias_shift", "canonical_signs", "gaussian_noise", "permute", "random_warps",
-           "warp_inputs", "image_warp"]
+           "warp_inputs", "draws_images", "image_warp"]
 
 
 def _check_linear(ws: WeightSpace, what: str) -> None:
@@ -145,13 +145,19 @@ def warp_inputs(ws: WeightSpace, A: Tensor, t: Tensor) -> WeightSpace:
     return WeightSpace(weights, biases, ws.spec)
 
 
+def draws_images(spec: WeightSpaceSpec) -> bool:
+    """Whether networks of ``spec`` can be image INRs that :func:`image_warp` redraws: a chain of
+    linear layers reading 2 coordinates."""
+    return not any(layer.kernel or layer.kind != "linear" for layer in spec.layers) and spec.layers[0].n_in == 2
+
+
 def image_warp(ws: WeightSpace, generator: torch.Generator | None = None, degrees: float = 10.0,
                scale: float = 0.1, shift: float = 0.1, mirror: bool = True) -> WeightSpace:
     """Each 2-D INR of ``ws`` redrawn through its own :func:`random_warps` (``shift`` in grid units:
     the pixel grid spans [-1, 1], so 0.1 is 1.35 pixels of a 28x28 image). Label-preserving for
     small values, like a CNN's augmentations of its input images."""
     _check_linear(ws, "image_warp")
-    if ws.spec.layers[0].n_in != 2:
+    if not draws_images(ws.spec):
         raise ValueError(f"image_warp redraws 2-D images; this weight space's first layer reads "
                          f"{ws.spec.layers[0].n_in} coordinates: [{ws.spec}]")
     return warp_inputs(ws, *random_warps(ws.batch_size, generator, degrees, scale, shift, mirror))

@@ -26,7 +26,7 @@ from metaopt.weight_space import WeightSpace, WeightSpaceSpec
 from tasks.make_data import IMAGE_SIZES
 from tasks.weight_data import WeightDataset
 
-from .augment import canonical_signs, image_warp, permute, sign_flip
+from .augment import canonical_signs, draws_images, image_warp, permute, sign_flip
 
 __all__ = ["MODELS", "DEFAULT_MODELS", "ModelConfig", "TrainConfig", "Normalizer", "Splits", "load_splits",
            "build_model", "NFNInvariant", "to_nfn", "from_nfn", "nfn_network_spec", "train_model", "predict",
@@ -321,10 +321,9 @@ def batch_augmentation(splits: Splits, sign_flips: bool = False, image_warps: bo
     """
     if sign_flips:
         require_siren(splits.info, "sign flips")
-    first = splits.spec.layers[0]
-    if image_warps and (first.kind != "linear" or first.kernel or first.n_in != 2):
-        raise StandaloneError(f"image warps redraw 2-D images, so the networks must read 2 coordinates in a "
-                              f"linear first layer; this dataset's are [{splits.spec}]")
+    if image_warps and not draws_images(splits.spec):
+        raise StandaloneError(f"image warps redraw 2-D images, so the networks must be chains of linear layers "
+                              f"reading 2 coordinates; this dataset's are [{splits.spec}]")
     norm = splits.normalizer
 
     def transform(ws: WeightSpace, generator: torch.Generator) -> WeightSpace:
