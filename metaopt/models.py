@@ -6,7 +6,7 @@ invariant pooling and an MLP head. The baselines the literature compares against
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .layers import ChannelDropout, DWSLinear, Elementwise, InvariantPool, NPLinear, WeightSpaceNorm
 from .weight_space import WeightSpace, WeightSpaceSpec
 
-__all__ = ["NFN", "DWSNet", "InvariantNFN", "InvariantDWSNet", "FlatMLP", "DeepSets", "StatNN"]
+__all__ = ["NFN", "DWSNet", "InvariantNFN", "InvariantDWSNet", "FlatMLP", "DeepSets", "StatNN", "ProbeNet"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -176,3 +176,69 @@ class StatNN(nn.Module):
             qs = torch.quantile(x, self.q.to(x.dtype), dim=-1).permute(1, 2, 0)  # [B, C, Q]
             feats.append(torch.cat([mean[..., None], std[..., None], qs], -1).flatten(1))
         return self.net(torch.cat(feats, -1))
+
+
+class ProbeNet(nn.Module):
+    """Reads networks by running them: learned probe inputs go through every network, an MLP reads the outputs.
+
+    The probing baseline of weight-space learning (Kahana et al. 2024, ProbeGen, without its
+    generator). It sees the function, not the weights, so it is invariant to *every* symmetry
+    that leaves the function unchanged (hidden permutations, ReLU rescaling, SIREN sign flips),
+    but it needs the architecture itself (``template``, whose parameter names are the spec's
+    ``weight_name`` / ``bias_name``) and raw weights: ``weight_mean`` / ``weight_std`` (one
+    scalar per tensor, weights then biases of each layer, as a ``Normalizer`` keeps them) undo a
+    per-tensor normalization first. Several outputs are read as log-probabilities and
+    probabilities (a classifier's logits carry an arbitrary offset and scale), one output as a
+    value.
+    """
+
+    def __init__(self, spec: WeightSpaceSpec, template: nn.Module, input_shape: Sequence[int], out_features: int = 1,
+                 num_probes: int = 32, hidden: int = 256, depth: int = 3, activation: str = "relu",
+                 dropout: float = 0.0, probe_range: tuple[float, float] = (0.0, 1.0),
+                 weight_mean: Sequence[float] | None = None, weight_std: Sequence[float] | None = None):
+        super().__init__()
+        names = {n for n, _ in template.named_parameters()}
+        wanted = [n for layer in spec.layers for n in (layer.weight_name, layer.bias_name if layer.has_bias else None)
+                  if n is not None]
+        missing = [n for n in wanted if n not in names]
+        if missing or len(wanted) != len(names):
+            raise ValueError(f"ProbeNet's template has parameters {sorted(names)}, the weight space names "
+                             f"{wanted}: they must be the same tensors")
+        self._template = (template,)  # structure only: kept out of parameters(), state_dict() and .to()
+        n_tensors = 2 * spec.num_layers
+        mean = torch.zeros(n_tensors) if weight_mean is None else torch.tensor(list(weight_mean), dtype=torch.float32)
+        std = torch.ones(n_tensors) if weight_std is None else torch.tensor(list(weight_std), dtype=torch.float32)
+        if mean.shape != (n_tensors,) or std.shape != (n_tensors,):
+            raise ValueError(f"weight_mean and weight_std need {n_tensors} values (weights and biases of "
+                             f"{spec.num_layers} layers), got {tuple(mean.shape)} and {tuple(std.shape)}")
+        self.register_buffer("weight_mean", mean)
+        self.register_buffer("weight_std", std)
+        self.spec = spec
+        self.probes = nn.Parameter(torch.empty(num_probes, *input_shape).uniform_(*probe_range))
+        n_out = spec.layers[-1].n_out
+        features = num_probes * (2 * n_out if n_out > 1 else 1)
+        self.net = _mlp(features, hidden, out_features, depth, activation, dropout)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._template[0]._apply(fn)  # buffers of the architecture (if any) follow the model's device and dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    def raw_params(self, ws: WeightSpace) -> dict[str, Tensor]:
+        """The networks of ``ws`` as the template's stacked parameters, un-normalized: ``{name: [B, ...]}``."""
+        if ws.spec != self.spec:
+            raise ValueError(f"ProbeNet was built for {self.spec}, got a weight space of {ws.spec}")
+        if ws.channels != 1:
+            raise ValueError(f"ProbeNet reads one-channel weight spaces (the networks themselves), got {ws.channels}")
+        mean, std = self.weight_mean, self.weight_std
+        raw = WeightSpace([w * std[2 * i] + mean[2 * i] for i, w in enumerate(ws.weights)],
+                          [b * std[2 * i + 1] + mean[2 * i + 1] for i, b in enumerate(ws.biases)], ws.spec)
+        return raw.to_params()
+
+    def forward(self, ws: WeightSpace) -> Tensor:
+        from torch.func import functional_call, vmap
+
+        template = self._template[0]
+        outputs = vmap(lambda p: functional_call(template, p, (self.probes,)))(self.raw_params(ws))  # [B, K, n_out]
+        if outputs.shape[-1] > 1:
+            outputs = torch.cat([outputs.log_softmax(-1), outputs.softmax(-1)], -1)
+        return self.net(outputs.flatten(1))

@@ -300,19 +300,24 @@ class WeightSpace:
         B, C = self.batch_size, self.channels
         return torch.cat([t.reshape(B, C, -1) for w, b in self for t in (w, b)], dim=-1)
 
+    def to_params(self) -> OrderedDict:
+        """All networks as one stacked state dict ``{name: [B, *param_shape]}`` (needs one channel): the
+        layout ``torch.func.vmap`` over ``functional_call`` takes, to run every network at once."""
+        if self.channels != 1:
+            raise ValueError(f"to_params needs 1 channel, this weight space has {self.channels}")
+        params = OrderedDict()
+        for layer, w, b in zip(self.spec.layers, self.weights, self.biases):
+            params[layer.weight_name] = w[:, 0].reshape(self.batch_size, *layer.param_shape)
+            if layer.has_bias:
+                params[layer.bias_name] = b[:, 0]
+        return params
+
     def to_state_dicts(self) -> list[OrderedDict]:
         """One state dict per network (needs one channel), keyed as the source modules were."""
         if self.channels != 1:
             raise ValueError(f"to_state_dicts needs 1 channel, this weight space has {self.channels}")
-        out = []
-        for j in range(self.batch_size):
-            sd = OrderedDict()
-            for layer, w, b in zip(self.spec.layers, self.weights, self.biases):
-                sd[layer.weight_name] = w[j, 0].reshape(layer.param_shape)
-                if layer.has_bias:
-                    sd[layer.bias_name] = b[j, 0]
-            out.append(sd)
-        return out
+        params = self.to_params()
+        return [OrderedDict((k, v[j]) for k, v in params.items()) for j in range(self.batch_size)]
 
     def to_modules(self, template: nn.Module) -> list[nn.Module]:
         """Copies of ``template`` carrying each network's weights."""

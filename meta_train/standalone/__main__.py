@@ -14,7 +14,8 @@ one weight-space dataset, same data and budget, and write ``OUT/results.md`` and
     tensorboard --logdir runs
 
 Models: ours (InvariantDWSNet), ours_np (InvariantNFN), nfn (the nfn package's NPLinear model),
-flat (MLP on the weight vector), statnn (weight statistics + MLP), deepsets.
+flat (MLP on the weight vector), statnn (weight statistics + MLP), deepsets, probe (runs every
+network on learned inputs: function space, for the supervised tasks).
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--fourier-scale", type=float, default=ModelConfig.fourier_scale,
                             help="std of those features' frequencies, in normalized-weight units "
                                  f"(default {ModelConfig.fourier_scale})")
+        if name in ("classify", "regress", "generalization"):
+            sp.add_argument("--num-probes", type=int, default=ModelConfig.num_probes,
+                            help="inputs the probe model runs every network on (default "
+                                 f"{ModelConfig.num_probes})")
         if name in ("classify", "regress"):
             sp.add_argument("--sign-flips", action="store_true",
                             help="also flip the signs of random hidden sine neurons in training batches (an exact "
@@ -199,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_cfg = ModelConfig(args.hidden_channels, args.num_layers, args.head_hidden, args.dropout,
                                 getattr(args, "pooling", ModelConfig.pooling),
                                 getattr(args, "fourier_features", ModelConfig.fourier_features),
-                                getattr(args, "fourier_scale", ModelConfig.fourier_scale))
+                                getattr(args, "fourier_scale", ModelConfig.fourier_scale),
+                                getattr(args, "num_probes", ModelConfig.num_probes))
         train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                 weight_decay=args.weight_decay, patience=args.patience, augment=not args.no_augment,
                                 sign_flips=getattr(args, "sign_flips", TrainConfig.sign_flips),

@@ -44,12 +44,12 @@ from torch import Tensor, nn
 
 from .edit import EDITORS, ResidualEditor, build_editor
 from .harness import (MODEL_HELP, ModelConfig, Splits, StandaloneError, TrainConfig, count_params, load_splits,
-                      parse_models, take, train_model, write_results)
-from metaopt.weight_space import WeightSpace, spec_from_module
+                      parse_models, recorded, recorded_network, take, train_model, write_results)
+from metaopt.weight_space import WeightSpace
 from tasks.base import Network, Params
-from tasks.classify import NUM_CLASSES, cnn
+from tasks.classify import NUM_CLASSES
 from tasks.data import FASHION_MNIST_DIR, load_images
-from tasks.make_data import IMAGE_SIZES, evaluate_classifiers, network_for
+from tasks.make_data import evaluate_classifiers
 from tasks.weight_data import WeightDataset
 
 __all__ = ["SHIFTS", "LOSSES", "parse_shift", "source_classifier", "classifier_params", "matched_logits",
@@ -95,34 +95,21 @@ def parse_shift(text: str) -> Callable[[Tensor, int], Tensor]:
 def source_classifier(splits: Splits) -> tuple[Network, str]:
     """The zoo's classifier architecture (a runnable, batched :class:`tasks.base.Network`) and the
     name of its image dataset, from what the zoo's builder recorded; a clear error for anything else."""
-    info, spec = splits.info, splits.spec
-    recipe = info.get("recipe") if isinstance(info.get("recipe"), dict) else {}
-    if recipe.get("builder") == "classifier_zoo":
-        network, dataset = network_for(recipe), recipe["dataset"]
-    elif info.get("kind") == "cnn_zoo":  # make-small-data cnn-zoo: relu CNNs on 8x8 digits
-        channels = [l.n_out for l in spec.layers if l.kind == "conv2d"]
-        network, dataset = cnn(IMAGE_SIZES["digits"], channels, NUM_CLASSES), "digits"
-        if info.get("network", network.name) != network.name:
-            raise StandaloneError(f"the zoo records its networks as {info['network']}, but adapt rebuilds "
-                                  f"{network.name} from it")
-    else:
-        what = recipe.get("builder") or info.get("kind") or "nothing"
+    try:
+        network, dataset = recorded_network(splits)
+    except StandaloneError as e:
         raise StandaloneError(f"adapt needs a classifier zoo (python -m tasks make-data zoo, or make-small-data "
-                              f"cnn-zoo); this dataset's builder recorded {what!r}, so its networks cannot be "
-                              f"run as classifiers")
-    if spec_from_module(network.template) != spec:
-        raise StandaloneError(f"the dataset's weights [{spec}] do not fit the recorded classifier {network.name}")
+                              f"cnn-zoo): {e}") from None
+    if dataset is None:
+        raise StandaloneError(f"adapt needs a classifier zoo (python -m tasks make-data zoo, or make-small-data "
+                              f"cnn-zoo); this dataset holds INRs ({network.name}, built as "
+                              f"{recorded(splits, 'builder') or splits.info.get('kind')!r}), not classifiers")
     return network, dataset
 
 
 def classifier_params(ws: WeightSpace) -> Params:
     """Raw one-channel weights as the stacked parameters ``{name: [P, ...]}`` of :class:`tasks.base.Network`."""
-    params = {}
-    for layer, w, b in zip(ws.spec.layers, ws.weights, ws.biases):
-        params[layer.weight_name] = w[:, 0].reshape(ws.batch_size, *layer.param_shape)
-        if layer.has_bias:
-            params[layer.bias_name] = b[:, 0]
-    return params
+    return dict(ws.to_params())
 
 
 def matched_logits(logits: Tensor, reference: Tensor) -> Tensor:

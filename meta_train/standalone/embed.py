@@ -130,6 +130,9 @@ def run_embed(data: str | Path | WeightDataset, out: str | Path, models: Sequenc
               plot: bool = True, command: str = "") -> list[dict]:
     """Train every model contrastively on the train split and evaluate its embeddings (module docstring)."""
     models = parse_models(models)
+    if "probe" in models:
+        raise StandaloneError("model 'probe' sees only the function, which every view of a network here keeps, "
+                              "so contrasting views cannot train it; choose another model")
     device = torch.device(train_cfg.device)
     splits = load_splits(data, [label], device)
     if any(layer.kernel for layer in splits.spec.layers):

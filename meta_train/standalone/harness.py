@@ -20,17 +20,21 @@ import torch
 from torch import Tensor, nn
 
 from metaopt.layers import FourierFeatures
-from metaopt.models import DeepSets, FlatMLP, InvariantDWSNet, InvariantNFN, StatNN
+from metaopt.models import DeepSets, FlatMLP, InvariantDWSNet, InvariantNFN, ProbeNet, StatNN
 from metaopt.optim.checkpoint import atomic_write
-from metaopt.weight_space import WeightSpace, WeightSpaceSpec
-from tasks.make_data import IMAGE_SIZES
+from metaopt.weight_space import WeightSpace, WeightSpaceSpec, spec_from_module
+from tasks.base import Network
+from tasks.classify import NUM_CLASSES, cnn
+from tasks.inr import siren
+from tasks.make_data import IMAGE_SIZES, network_for
 from tasks.weight_data import WeightDataset
 
 from .augment import canonical_signs, draws_images, image_warp, permute, sign_flip
 
 __all__ = ["MODELS", "DEFAULT_MODELS", "ModelConfig", "TrainConfig", "Normalizer", "Splits", "load_splits",
            "build_model", "NFNInvariant", "to_nfn", "from_nfn", "nfn_network_spec", "train_model", "predict",
-           "count_params", "write_results", "parse_models", "StandaloneError"]
+           "count_params", "write_results", "parse_models", "StandaloneError", "recorded_network", "Probing",
+           "probing"]
 
 
 class StandaloneError(ValueError):
@@ -131,6 +135,53 @@ def recorded(splits: Splits | dict, key: str):
     return recipe.get(key)
 
 
+def recorded_network(splits: Splits) -> tuple[Network, str | None]:
+    """The dataset's networks as a runnable, batched :class:`tasks.base.Network`, and the image data set
+    they classify (None for INRs), from what the dataset's builder recorded; a clear error otherwise."""
+    info, spec = splits.info, splits.spec
+    recipe = info.get("recipe") if isinstance(info.get("recipe"), dict) else {}
+    builder = recipe.get("builder")
+    if builder in ("classifier_zoo", "image_inrs", "sine_inrs"):
+        network, dataset = network_for(recipe), recipe["dataset"] if builder == "classifier_zoo" else None
+    elif info.get("kind") in ("cnn_zoo", "digits_inrs", "sine_inrs"):  # make-small-data
+        if info["kind"] == "cnn_zoo":  # relu CNNs on 8x8 digits
+            channels = [l.n_out for l in spec.layers if l.kind == "conv2d"]
+            network, dataset = cnn(IMAGE_SIZES["digits"], channels, NUM_CLASSES), "digits"
+        else:
+            hidden = [l.n_out for l in spec.layers[:-1]]
+            network, dataset = siren(spec.layers[0].n_in, hidden, spec.layers[-1].n_out, info.get("w0", 30.0)), None
+        if info.get("network", network.name) != network.name:
+            raise StandaloneError(f"the dataset records its networks as {info['network']}, but the harness "
+                                  f"rebuilds {network.name} from it")
+    else:
+        what = builder or info.get("kind") or "nothing"
+        raise StandaloneError(f"this dataset's builder recorded {what!r}, which names no architecture the harness "
+                              f"can run (python -m tasks make-data datasets and make-small-data cnn-zoo do)")
+    if spec_from_module(network.template) != spec:
+        raise StandaloneError(f"the dataset's weights [{spec}] do not fit the recorded network {network.name}")
+    return network, dataset
+
+
+@dataclass
+class Probing:
+    """What the probe model needs besides the weights: the networks' architecture, the shape and range
+    of their inputs (images in [0, 1], INR coordinates in [-1, 1]), and the normalization to undo."""
+
+    network: Network
+    input_shape: tuple[int, ...]
+    input_range: tuple[float, float]
+    normalizer: Normalizer
+
+
+def probing(splits: Splits) -> Probing:
+    network, dataset = recorded_network(splits)
+    first = next(m for m in network.template if isinstance(m, (nn.Linear, nn.Conv2d)))
+    if isinstance(first, nn.Conv2d):
+        size = IMAGE_SIZES[dataset]
+        return Probing(network, (first.in_channels, size, size), (0.0, 1.0), splits.normalizer)
+    return Probing(network, (first.in_features,), (0.0, 1.0) if dataset else (-1.0, 1.0), splits.normalizer)
+
+
 def take(ws: WeightSpace, index: Tensor) -> WeightSpace:
     """Networks ``index`` of a batch of networks."""
     index = index.to(ws.weights[0].device)
@@ -138,7 +189,7 @@ def take(ws: WeightSpace, index: Tensor) -> WeightSpace:
 
 
 # --------------------------------------------------------------------------- models
-MODELS = ("ours", "ours_np", "nfn", "flat", "statnn", "deepsets")
+MODELS = ("ours", "ours_np", "nfn", "flat", "statnn", "deepsets", "probe")
 DEFAULT_MODELS = ("ours", "nfn", "flat", "statnn")
 MODEL_HELP = {
     "ours": "metaopt InvariantDWSNet (DWS/HNP layers, hidden-neuron pooling, MLP head)",
@@ -147,6 +198,8 @@ MODEL_HELP = {
     "flat": "MLP on the flattened weight vector",
     "statnn": "per-tensor statistics + MLP (Unterthiner et al. 2020)",
     "deepsets": "per-parameter DeepSets",
+    "probe": "learned probe inputs run through every network + MLP on the outputs (function space; Kahana et al. "
+             "2024); supervised tasks on datasets that record their architecture",
 }
 
 
@@ -161,6 +214,7 @@ class ModelConfig:
     pooling: str = "mean"  # invariant pooling of ours/ours_np: "mean" or "meanmax" (metaopt.layers.InvariantPool)
     fourier_features: int = 0  # > 0: every model reads metaopt.layers.FourierFeatures of the (normalized) weights
     fourier_scale: float = 0.2  # std of their frequencies, in units of the normalized weights
+    num_probes: int = 32  # inputs the probe model runs every network on
 
 
 def parse_models(text: str | Sequence[str]) -> list[str]:
@@ -239,12 +293,23 @@ def nfn_network_spec(spec: WeightSpaceSpec):
                                                         [torch.zeros(1, 1, l.n_out) for l in spec.layers], spec)))
 
 
-def build_model(name: str, spec: WeightSpaceSpec, out_features: int, cfg: ModelConfig = ModelConfig()) -> nn.Module:
+def build_model(name: str, spec: WeightSpaceSpec, out_features: int, cfg: ModelConfig = ModelConfig(),
+                probe: Probing | None = None) -> nn.Module:
     """A model mapping one-channel weight spaces of ``spec`` to ``[B, out_features]``.
 
     With ``cfg.fourier_features``, every model, peers included, reads the same kind of encoded
     input (a :class:`~metaopt.layers.FourierFeatures` in front), so a table compares models, not
-    inputs."""
+    inputs. The probe model runs the networks, so it needs ``probe`` (:func:`probing`)."""
+    if name == "probe":
+        if probe is None:
+            raise StandaloneError("model 'probe' runs the networks, so it needs their architecture, which this "
+                                  "task does not pass (the supervised tasks classify, regress and generalization do)")
+        if cfg.fourier_features:
+            raise StandaloneError("model 'probe' runs the networks on their raw weights, so it cannot read Fourier "
+                                  "features; drop --fourier-features or the model")
+        return ProbeNet(spec, probe.network.template, probe.input_shape, out_features, cfg.num_probes,
+                        hidden=cfg.head_hidden, depth=3, dropout=cfg.dropout, probe_range=probe.input_range,
+                        weight_mean=probe.normalizer.means, weight_std=probe.normalizer.stds)
     encoder = FourierFeatures(1, cfg.fourier_features, cfg.fourier_scale) if cfg.fourier_features else None
     c = encoder.out_channels if encoder is not None else 1
     model = _build_trunk_and_head(name, spec, out_features, cfg, c)
@@ -507,10 +572,11 @@ def run_supervised(objective: Objective, data: str | Path | WeightDataset, out: 
     out_features = objective.setup(splits)
     targets = {s: objective.targets(splits, s).to(device) for s in ("train", "val", "test")}
     sign = 1.0 if objective.higher_is_better else -1.0
+    probe = probing(splits) if "probe" in models else None
     rows = []
     for name in models:
         torch.manual_seed(train_cfg.seed)
-        model = build_model(name, splits.spec, out_features, model_cfg).to(device)
+        model = build_model(name, splits.spec, out_features, model_cfg, probe).to(device)
 
         def loss_fn(m, batch, idx):
             return objective.loss(m(batch), targets["train"][idx.to(device)])

@@ -49,7 +49,7 @@ def _uncoupled(ws, g):
     return WeightSpace(weights, biases, ws.spec)
 
 
-INVARIANT = [m for m in MODELS if m != "flat"]
+INVARIANT = [m for m in MODELS if m not in ("flat", "probe")]  # probe: tests/test_probe.py
 
 
 @pytest.mark.parametrize("fourier", [0, 2])

@@ -17,7 +17,7 @@ from meta_train.standalone.smalldata import digits_inrs, sine_inrs, split_column
 from metaopt import WeightSpace
 from tasks.weight_data import WeightDataset, shard_path
 
-from _standalone_data import FAST, digits_folder, synthetic_zoo
+from _standalone_data import FAST, classifier_zoo, digits_folder, synthetic_zoo
 
 ALL = "ours,ours_np,nfn,flat,statnn,deepsets"
 
@@ -106,6 +106,38 @@ def test_image_warps_from_the_command_line(digits_dir, sine_dir, tmp_path, capsy
     assert main(["classify", "--data", str(sine_dir), "--out", str(tmp_path / "sine"), "--target", "frequency",
                  "--image-warps", *FAST]) == 2
     assert "redraw 2-D images" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_zoo_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("trained_zoo")
+    torch.set_num_threads(1)
+    classifier_zoo(8, 4, 4, steps=30).save_shard(shard_path(folder, 0))
+    return folder
+
+
+@pytest.mark.parametrize("task,fixture,metric", [("classify", "digits_dir", "test_accuracy"),
+                                                 ("regress", "sine_dir", "test_mse"),
+                                                 ("generalization", "trained_zoo_dir", "test_kendall_tau")])
+def test_probe_model_runs_every_architecture_a_dataset_records(task, fixture, metric, request, tmp_path):
+    out = tmp_path / "out"
+    assert main([task, "--data", str(request.getfixturevalue(fixture)), "--out", str(out), "--models", "probe",
+                 "--num-probes", "5", *FAST]) == 0
+    payload, md = _results(out)
+    row = payload["rows"][0]
+    assert row["model"] == "probe" and math.isfinite(row[metric]) and "| probe |" in md
+    assert payload["model_config"]["num_probes"] == 5
+
+
+def test_probe_model_errors_name_the_problem(zoo_dir, sine_dir, digits_dir, tmp_path, capsys):
+    assert main(["generalization", "--data", str(zoo_dir), "--out", str(tmp_path / "a"), "--models", "probe",
+                 *FAST]) == 2
+    assert "names no architecture" in capsys.readouterr().err  # the synthetic zoo records none
+    assert main(["regress", "--data", str(sine_dir), "--out", str(tmp_path / "b"), "--models", "probe",
+                 "--fourier-features", "2", *FAST]) == 2
+    assert "cannot read Fourier features" in capsys.readouterr().err
+    assert main(["embed", "--data", str(digits_dir), "--out", str(tmp_path / "c"), "--models", "probe", *FAST]) == 2
+    assert "contrasting views cannot train it" in capsys.readouterr().err
 
 
 def test_canonical_signs_from_the_command_line(digits_dir, zoo_dir, tmp_path, capsys):
