@@ -6,6 +6,7 @@ invariant pooling and an MLP head. The baselines the literature compares against
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -179,10 +180,10 @@ class StatNN(nn.Module):
 
 
 class ProbeNet(nn.Module):
-    """Reads networks by running them: learned probe inputs go through every network, an MLP reads the outputs.
+    """Reads networks by running them: probe inputs go through every network, an MLP reads the outputs.
 
-    The probing baseline of weight-space learning (Kahana et al. 2024, ProbeGen, without its
-    generator). It sees the function, not the weights, so it is invariant to *every* symmetry
+    Probing, the function-space alternative to reading weights (Kahana et al., ICLR 2025,
+    "ProbeGen"). It sees the function, not the weights, so it is invariant to *every* symmetry
     that leaves the function unchanged (hidden permutations, ReLU rescaling, SIREN sign flips),
     but it needs the architecture itself (``template``, whose parameter names are the spec's
     ``weight_name`` / ``bias_name``) and raw weights: ``weight_mean`` / ``weight_std`` (one
@@ -190,11 +191,18 @@ class ProbeNet(nn.Module):
     per-tensor normalization first. Several outputs are read as log-probabilities and
     probabilities (a classifier's logits carry an arbitrary offset and scale), one output as a
     value.
+
+    With ``generator_depth`` > 0 the probes are ProbeGen's: one learned code per probe mapped by a
+    shared *deep linear* generator (``generator_depth`` linear layers, no activations), whose
+    overparameterization biases the probes towards shared structure and overfits less than
+    free probes; with 0 each probe is a free tensor. Either way they start around the middle of
+    ``probe_range``.
     """
 
     def __init__(self, spec: WeightSpaceSpec, template: nn.Module, input_shape: Sequence[int], out_features: int = 1,
                  num_probes: int = 32, hidden: int = 256, depth: int = 3, activation: str = "relu",
-                 dropout: float = 0.0, probe_range: tuple[float, float] = (0.0, 1.0),
+                 dropout: float = 0.0, probe_range: tuple[float, float] = (0.0, 1.0), generator_depth: int = 4,
+                 code_dim: int = 32, generator_width: int = 64,
                  weight_mean: Sequence[float] | None = None, weight_std: Sequence[float] | None = None):
         super().__init__()
         names = {n for n, _ in template.named_parameters()}
@@ -214,7 +222,20 @@ class ProbeNet(nn.Module):
         self.register_buffer("weight_mean", mean)
         self.register_buffer("weight_std", std)
         self.spec = spec
-        self.probes = nn.Parameter(torch.empty(num_probes, *input_shape).uniform_(*probe_range))
+        self.input_shape = tuple(input_shape)
+        if generator_depth < 0 or num_probes < 1:
+            raise ValueError(f"ProbeNet needs num_probes >= 1 and generator_depth >= 0, got {num_probes}, "
+                             f"{generator_depth}")
+        if generator_depth:
+            dims = [code_dim] + [generator_width] * (generator_depth - 1) + [math.prod(self.input_shape)]
+            self.codes = nn.Parameter(torch.randn(num_probes, code_dim))
+            self.generator = nn.Sequential(*(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])))
+            with torch.no_grad():
+                self.generator[-1].bias.fill_(sum(probe_range) / 2)
+            self.register_parameter("probes", None)
+        else:
+            self.codes, self.generator = None, None
+            self.probes = nn.Parameter(torch.empty(num_probes, *self.input_shape).uniform_(*probe_range))
         n_out = spec.layers[-1].n_out
         features = num_probes * (2 * n_out if n_out > 1 else 1)
         self.net = _mlp(features, hidden, out_features, depth, activation, dropout)
@@ -222,6 +243,12 @@ class ProbeNet(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._template[0]._apply(fn)  # buffers of the architecture (if any) follow the model's device and dtype
         return super()._apply(fn, *args, **kwargs)
+
+    def probe_inputs(self) -> Tensor:
+        """The inputs every network is run on, ``[num_probes, *input_shape]``."""
+        if self.generator is None:
+            return self.probes
+        return self.generator(self.codes).view(-1, *self.input_shape)
 
     def raw_params(self, ws: WeightSpace) -> dict[str, Tensor]:
         """The networks of ``ws`` as the template's stacked parameters, un-normalized: ``{name: [B, ...]}``."""
@@ -237,8 +264,8 @@ class ProbeNet(nn.Module):
     def forward(self, ws: WeightSpace) -> Tensor:
         from torch.func import functional_call, vmap
 
-        template = self._template[0]
-        outputs = vmap(lambda p: functional_call(template, p, (self.probes,)))(self.raw_params(ws))  # [B, K, n_out]
+        template, probes = self._template[0], self.probe_inputs()
+        outputs = vmap(lambda p: functional_call(template, p, (probes,)))(self.raw_params(ws))  # [B, K, n_out]
         if outputs.shape[-1] > 1:
             outputs = torch.cat([outputs.log_softmax(-1), outputs.softmax(-1)], -1)
         return self.net(outputs.flatten(1))

@@ -18,10 +18,11 @@ def _probe(arch, ws, **kwargs):
     return ProbeNet(ws.spec, template, shape, 3, num_probes=6, hidden=16, probe_range=(-1.0, 1.0), **kwargs)
 
 
+@pytest.mark.parametrize("generator_depth", [0, 3])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_invariant_to_hidden_permutations_and_blind_to_nothing_else(arch):
+def test_invariant_to_hidden_permutations_and_blind_to_nothing_else(arch, generator_depth):
     ws = batch(arch, n=4)
-    model = _probe(arch, ws)
+    model = _probe(arch, ws, generator_depth=generator_depth)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         out = model(ws)
@@ -91,9 +92,28 @@ def test_learns_a_property_of_the_function():
     assert mse < 0.05  # predicting the mean scores ~1
 
 
+@pytest.mark.parametrize("generator_depth", [0, 1, 4])
+def test_probes_are_free_or_generated_and_start_in_the_input_range(generator_depth):
+    ws = batch("cnn2d_gap", n=2)
+    model = ProbeNet(ws.spec, ARCHS["cnn2d_gap"](), INPUT_SHAPES["cnn2d_gap"], 1, num_probes=7,
+                     probe_range=(0.0, 1.0), generator_depth=generator_depth)
+    probes = model.probe_inputs()
+    assert probes.shape == (7, *INPUT_SHAPES["cnn2d_gap"])
+    assert abs(probes.mean().item() - 0.5) < 0.15
+    learned = dict(model.named_parameters())
+    if generator_depth:
+        assert model.probes is None and "codes" in learned
+        assert sum(k.startswith("generator.") for k in learned) == 2 * generator_depth  # linear: no activations
+        assert all(isinstance(m, nn.Linear) for m in model.generator)
+    else:
+        assert "probes" in learned and model.generator is None
+    model(ws).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())  # the probes are learned, not fixed
+
+
 def test_keeps_the_architecture_out_of_its_parameters_and_moves_with_the_model():
     ws = batch("cnn2d_gap", n=2)
-    model = _probe("cnn2d_gap", ws)
+    model = _probe("cnn2d_gap", ws, generator_depth=0)
     assert set(model.state_dict()) == {"weight_mean", "weight_std", "probes"} | {
         f"net.{k}" for k in model.net.state_dict()}
     model = model.double()
@@ -108,6 +128,8 @@ def test_bad_input_is_a_clear_error():
         ProbeNet(ws.spec, ARCHS["mlp4"](), (3,))
     with pytest.raises(ValueError, match="need 4 values"):
         ProbeNet(ws.spec, ARCHS["mlp2"](), (3,), weight_mean=[0.0] * 3)
+    with pytest.raises(ValueError, match="generator_depth >= 0"):
+        ProbeNet(ws.spec, ARCHS["mlp2"](), (3,), generator_depth=-1)
     model = _probe("mlp2", ws)
     with pytest.raises(ValueError, match="was built for"):
         model(batch("mlp4", n=2))

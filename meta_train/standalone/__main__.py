@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--num-probes", type=int, default=ModelConfig.num_probes,
                             help="inputs the probe model runs every network on (default "
                                  f"{ModelConfig.num_probes})")
+            sp.add_argument("--probe-generator-depth", type=int, default=ModelConfig.probe_generator_depth,
+                            help="linear layers of the probe model's shared probe generator (ProbeGen); 0: free "
+                                 f"probes (default {ModelConfig.probe_generator_depth})")
         if name in ("classify", "regress"):
             sp.add_argument("--sign-flips", action="store_true",
                             help="also flip the signs of random hidden sine neurons in training batches (an exact "
@@ -109,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "classify":
             sp.add_argument("--target", default="label", help="metadata column of class ids")
         if name == "generalization":
+            from .generalization import LOSSES as RANK_LOSSES
+
             sp.add_argument("--target", default="test_accuracy", help="metadata column to rank by")
+            sp.add_argument("--loss", choices=RANK_LOSSES, default="mse",
+                            help="mse: on the standardized target (default); rank: pairwise logistic loss on the "
+                                 "order alone (the table then has no MSE)")
         if name == "embed":
             sp.add_argument("--target", default="label", help="class column, used only to evaluate the embeddings")
             sp.add_argument("--dim", type=int, default=32, help="embedding size")
@@ -160,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _objective(task: str, target: str):
+def _objective(task: str, target: str, loss: str = "mse"):
     if task == "classify":
         from .classify import Classification
         return Classification(target)
@@ -169,7 +177,7 @@ def _objective(task: str, target: str):
         return Regression(target)
     if task == "generalization":
         from .generalization import Generalization
-        return Generalization(target)
+        return Generalization(target, loss)
     raise StandaloneError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
 
@@ -205,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 getattr(args, "pooling", ModelConfig.pooling),
                                 getattr(args, "fourier_features", ModelConfig.fourier_features),
                                 getattr(args, "fourier_scale", ModelConfig.fourier_scale),
-                                getattr(args, "num_probes", ModelConfig.num_probes))
+                                getattr(args, "num_probes", ModelConfig.num_probes),
+                                getattr(args, "probe_generator_depth", ModelConfig.probe_generator_depth))
         train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                 weight_decay=args.weight_decay, patience=args.patience, augment=not args.no_augment,
                                 sign_flips=getattr(args, "sign_flips", TrainConfig.sign_flips),
@@ -231,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = run_embed(args.data, args.out, models, model_cfg, train_cfg, args.dim, args.temperature,
                              args.noise, args.w0, args.target, not args.no_plot, command)
         else:
-            rows = run_supervised(_objective(args.task, args.target), args.data, args.out, models, model_cfg,
+            rows = run_supervised(_objective(args.task, args.target, getattr(args, "loss", "mse")), args.data, args.out, models, model_cfg,
                                   train_cfg, command)
     except (StandaloneError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -215,6 +215,7 @@ class ModelConfig:
     fourier_features: int = 0  # > 0: every model reads metaopt.layers.FourierFeatures of the (normalized) weights
     fourier_scale: float = 0.2  # std of their frequencies, in units of the normalized weights
     num_probes: int = 32  # inputs the probe model runs every network on
+    probe_generator_depth: int = 4  # layers of its shared deep linear probe generator (0: free probes)
 
 
 def parse_models(text: str | Sequence[str]) -> list[str]:
@@ -309,7 +310,7 @@ def build_model(name: str, spec: WeightSpaceSpec, out_features: int, cfg: ModelC
                                   "features; drop --fourier-features or the model")
         return ProbeNet(spec, probe.network.template, probe.input_shape, out_features, cfg.num_probes,
                         hidden=cfg.head_hidden, depth=3, dropout=cfg.dropout, probe_range=probe.input_range,
-                        weight_mean=probe.normalizer.means, weight_std=probe.normalizer.stds)
+                        generator_depth=cfg.probe_generator_depth, weight_mean=probe.normalizer.means, weight_std=probe.normalizer.stds)
     encoder = FourierFeatures(1, cfg.fourier_features, cfg.fourier_scale) if cfg.fourier_features else None
     c = encoder.out_channels if encoder is not None else 1
     model = _build_trunk_and_head(name, spec, out_features, cfg, c)

@@ -10,7 +10,7 @@ from torch import nn
 
 from meta_train.standalone.__main__ import main
 from meta_train.standalone.classify import Classification
-from meta_train.standalone.generalization import Generalization, kendall_tau
+from meta_train.standalone.generalization import Generalization, kendall_tau, pairwise_rank_loss
 from meta_train.standalone.regress import Regression
 from meta_train.standalone.harness import ModelConfig, StandaloneError, TrainConfig, run_supervised
 from meta_train.standalone.smalldata import digits_inrs, sine_inrs, split_column
@@ -205,6 +205,29 @@ def test_kendall_tau():
     x = torch.arange(10.0)
     assert kendall_tau(x, x) == pytest.approx(1.0)
     assert kendall_tau(x, -x) == pytest.approx(-1.0)
+
+
+def test_pairwise_rank_loss_scores_the_order_only():
+    y = torch.tensor([0.1, 0.5, 0.3, 0.9])
+    right = pairwise_rank_loss(10 * y, y)
+    assert right < pairwise_rank_loss(-10 * y, y) and right < 0.1  # the right order, by a margin: near 0
+    assert torch.allclose(pairwise_rank_loss(y.exp(), y), pairwise_rank_loss(y.exp(), y * 5 - 1))  # any monotone y
+    ties = torch.ones(4)
+    assert pairwise_rank_loss(y, ties) == 0.0  # no pair to order
+    s = torch.zeros(4, requires_grad=True)
+    pairwise_rank_loss(s, y).backward()
+    assert (s.grad.argsort() == torch.tensor([3, 1, 2, 0])).all()  # the best network is pushed up most
+
+
+def test_generalization_with_the_rank_loss_from_the_command_line(zoo_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["generalization", "--data", str(zoo_dir), "--out", str(out), "--models", "statnn", "--loss",
+                 "rank", *FAST]) == 0
+    payload, _ = _results(out)
+    assert math.isfinite(payload["rows"][0]["test_kendall_tau"]) and "test_mse" not in payload["rows"][0]
+    with pytest.raises(SystemExit):
+        main(["generalization", "--data", str(zoo_dir), "--out", str(out), "--loss", "hinge", *FAST])
+    assert "hinge" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- learning
