@@ -198,8 +198,8 @@ MODEL_HELP = {
     "flat": "MLP on the flattened weight vector",
     "statnn": "per-tensor statistics + MLP (Unterthiner et al. 2020)",
     "deepsets": "per-parameter DeepSets",
-    "probe": "learned probe inputs run through every network + MLP on the outputs (function space; Kahana et al. "
-             "2024); supervised tasks on datasets that record their architecture",
+    "probe": "learned probe inputs run through every network + MLP on the outputs (function space, not weights-only; "
+             "ProbeGen, Kahana et al. 2025); supervised tasks on datasets that record their architecture",
 }
 
 
