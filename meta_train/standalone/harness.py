@@ -156,7 +156,7 @@ def recorded_network(splits: Splits) -> tuple[Network, str | None]:
     else:
         what = builder or info.get("kind") or "nothing"
         raise StandaloneError(f"this dataset's builder recorded {what!r}, which names no architecture the harness "
-                              f"can run (python -m tasks make-data datasets and make-small-data cnn-zoo do)")
+                              f"can run (python -m tasks make-data and make-small-data datasets do)")
     if spec_from_module(network.template) != spec:
         raise StandaloneError(f"the dataset's weights [{spec}] do not fit the recorded network {network.name}")
     return network, dataset
@@ -174,6 +174,7 @@ class Probing:
 
 
 def probing(splits: Splits) -> Probing:
+    """The probe model's view of a dataset; a clear error when the dataset records no runnable architecture."""
     network, dataset = recorded_network(splits)
     first = next(m for m in network.template if isinstance(m, (nn.Linear, nn.Conv2d)))
     if isinstance(first, nn.Conv2d):
