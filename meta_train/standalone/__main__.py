@@ -240,8 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = run_embed(args.data, args.out, models, model_cfg, train_cfg, args.dim, args.temperature,
                              args.noise, args.w0, args.target, not args.no_plot, command)
         else:
-            rows = run_supervised(_objective(args.task, args.target, getattr(args, "loss", "mse")), args.data, args.out, models, model_cfg,
-                                  train_cfg, command)
+            objective = _objective(args.task, args.target, getattr(args, "loss", "mse"))
+            rows = run_supervised(objective, args.data, args.out, models, model_cfg, train_cfg, command)
     except (StandaloneError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -95,14 +95,13 @@ def parse_shift(text: str) -> Callable[[Tensor, int], Tensor]:
 def source_classifier(splits: Splits) -> tuple[Network, str]:
     """The zoo's classifier architecture (a runnable, batched :class:`tasks.base.Network`) and the
     name of its image dataset, from what the zoo's builder recorded; a clear error for anything else."""
+    need = "adapt needs a classifier zoo (python -m tasks make-data zoo, or make-small-data cnn-zoo)"
     try:
         network, dataset = recorded_network(splits)
     except StandaloneError as e:
-        raise StandaloneError(f"adapt needs a classifier zoo (python -m tasks make-data zoo, or make-small-data "
-                              f"cnn-zoo): {e}") from None
+        raise StandaloneError(f"{need}: {e}") from None
     if dataset is None:
-        raise StandaloneError(f"adapt needs a classifier zoo (python -m tasks make-data zoo, or make-small-data "
-                              f"cnn-zoo); this dataset holds INRs ({network.name}, built as "
+        raise StandaloneError(f"{need}; this dataset holds INRs ({network.name}, built as "
                               f"{recorded(splits, 'builder') or splits.info.get('kind')!r}), not classifiers")
     return network, dataset
 

@@ -311,7 +311,8 @@ def build_model(name: str, spec: WeightSpaceSpec, out_features: int, cfg: ModelC
                                   "features; drop --fourier-features or the model")
         return ProbeNet(spec, probe.network.template, probe.input_shape, out_features, cfg.num_probes,
                         hidden=cfg.head_hidden, depth=3, dropout=cfg.dropout, probe_range=probe.input_range,
-                        generator_depth=cfg.probe_generator_depth, weight_mean=probe.normalizer.means, weight_std=probe.normalizer.stds)
+                        generator_depth=cfg.probe_generator_depth, weight_mean=probe.normalizer.means,
+                        weight_std=probe.normalizer.stds)
     encoder = FourierFeatures(1, cfg.fourier_features, cfg.fourier_scale) if cfg.fourier_features else None
     c = encoder.out_channels if encoder is not None else 1
     model = _build_trunk_and_head(name, spec, out_features, cfg, c)
