@@ -214,6 +214,8 @@ class SirenFit:
       cos a_i sin b_j`` (angle addition), so it needs sines of ``n_rows + n_cols`` values
       instead of ``n_rows * n_cols``, and the same for the cosine of its backward pass;
     * the backward pass reuses forward buffers in place and folds ``w0`` into the small weights;
+      the last hidden layer's gradient, an outer product of the output weights and the residual,
+      stays factored, and the first layer's gradients are one small matmul with the grid;
     * all members' parameters live in one flat ``[P, D]`` buffer, so Adam is a handful of
       big tensor ops for the whole population;
     * members run in chunks so a chunk's activations stay in cache;
@@ -237,6 +239,8 @@ class SirenFit:
             raise ValueError(f"SirenFit handles 1-D and 2-D grids, got {self.shape}")
         data = population.device_data()  # follows Population.to(device): the whole fit runs there
         self.axes = data.axes
+        # [d + 1, N]: the grid coordinates and a row of ones, for the first layer's gradients
+        self.inputs_t = torch.cat([data.coords, torch.ones_like(data.coords[:, :1])], dim=1).T.contiguous()
         self.targets = data.targets  # [P, N, 1]
         self.lr, self.betas, self.eps = lr, betas, eps
 
@@ -284,55 +288,47 @@ class SirenFit:
         return {name: view.clone() for name, view in zip(self.names, views)}
 
     def _first_layer(self, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        """Sine and cosine of the first layer's pre-activation on the grid, ``[p, N, H]``."""
+        """Sine and cosine of the first layer's pre-activation on the grid, ``[p, H, N]`` views of
+        ``[p, N, H]`` memory (neuron-minor, so the angle-addition products below run over contiguous rows)."""
         w0 = self.w0
         a = w0 * torch.addcmul(b[:, None, :], self.axes[0][None, :, None], w[:, None, :, 0])  # [p, n0, H]
         if len(self.axes) == 1:
-            return fast_sin(a), fast_cos(a)
+            return fast_sin(a).transpose(1, 2), fast_cos(a).transpose(1, 2)
         c = w0 * (self.axes[1][None, :, None] * w[:, None, :, 1])  # [p, n1, H]
         sa, ca, sc, cc = fast_sin(a)[:, :, None], fast_cos(a)[:, :, None], fast_sin(c)[:, None], fast_cos(c)[:, None]
         p, H = w.shape[0], w.shape[1]
         sin = torch.mul(sa, cc).addcmul_(ca, sc).view(p, -1, H)
         cos = torch.mul(ca, cc).addcmul_(sa, sc, value=-1.0).view(p, -1, H)
-        return sin, cos
-
-    def _first_layer_grads(self, dz: Tensor) -> list[Tensor]:
-        """Weight and bias gradients of the first layer from ``dz`` of shape ``[p, n0, (n1,) H]``.
-
-        The pre-activation is ``w0 (u_i W[:, 0] + v_j W[:, 1] + b)``, so only the row and
-        column sums of ``dz`` are needed (two reductions, cheaper than a [H, N] x [N, 3] matmul).
-        """
-        w0 = self.w0
-        rows = dz.sum(2) if dz.dim() == 4 else dz  # [p, n0, H]
-        weight = [torch.einsum("pih,i->ph", rows, self.axes[0])]
-        if dz.dim() == 4:
-            weight.append(torch.einsum("pjh,j->ph", dz.sum(1), self.axes[1]))
-        return [torch.stack(weight, dim=-1).mul_(w0), rows.sum(1).mul_(w0)]
+        return sin.transpose(1, 2), cos.transpose(1, 2)
 
     def _loss_and_grads(self, layers: list[_Layer], targets: Tensor) -> tuple[Tensor, list[Tensor]]:
+        # Activations are [p, H, N] (the first layer's are views of [p, N, H] memory): the output layer
+        # is then a [1, H] x [H, N] matmul, 2x faster than [N, H] x [H, 1] here.
         w0 = self.w0
         N = targets.shape[1]
         h, cos1 = self._first_layer(*layers[0])
         inputs, pre = [h], []  # inputs of the later layers; pre-activations of the hidden ones
         for layer in layers[1:-1]:
-            a = torch.baddbmm(w0 * layer.bias[:, None, :], h, (w0 * layer.weight).transpose(1, 2))
+            a = torch.baddbmm(w0 * layer.bias[:, :, None], w0 * layer.weight, h)  # [p, K, N]
             h = fast_sin(a)
             pre.append(a)
             inputs.append(h)
         last = layers[-1]
-        residual = torch.baddbmm(last.bias[:, None, :], h, last.weight.transpose(1, 2)).add_(0.5).sub_(targets)
+        residual = torch.baddbmm(last.bias[:, :, None], last.weight, h).add_(0.5).sub_(targets.transpose(1, 2))
         mse = residual.square().mean(dim=(1, 2))
 
-        g = residual.mul_(2.0 / N)  # dL/d(output), [p, N, 1]
-        grads = [torch.bmm(g.transpose(1, 2), h), g.sum(1)]
-        dh = g * last.weight  # [p, N, H]
+        g = residual.mul_(2.0 / N)  # dL/d(output), [p, 1, N]
+        grads = [torch.bmm(g, h.transpose(1, 2)), g.sum(2)]
+        # dL/dh = scale * dh: kept factored while it is the outer product last.weight^T g
+        scale, dh = last.weight.transpose(1, 2) * w0, g  # [p, H, 1] (w0 of the sine's argument), [p, 1, N]
         for layer, a, h_in in zip(reversed(layers[1:-1]), reversed(pre), reversed(inputs[:-1])):
-            dz = dh.mul_(fast_cos(a, out=a))  # dL/da, overwriting dh and the spent pre-activation
-            grads = [torch.bmm(dz.transpose(1, 2), h_in).mul_(w0), dz.sum(1).mul_(w0)] + grads
-            dh = torch.bmm(dz, w0 * layer.weight)
-        dz = dh.mul_(cos1).view(dh.shape[0], *self.shape, -1)  # dL/d(first pre-activation), on the grid
-        grads = self._first_layer_grads(dz) + grads
-        return mse, grads
+            e = fast_cos(a, out=a).mul_(dh)  # dL/da = scale * e, overwriting the spent pre-activation
+            grads = [torch.bmm(e, h_in.transpose(1, 2)).mul_(scale), e.sum(2, keepdim=True).mul_(scale)[..., 0]] + grads
+            dh = torch.bmm(e.transpose(1, 2), layer.weight * scale).transpose(1, 2)  # [p, H_in, N], laid out as h_in
+            scale = w0
+        e = cos1.mul_(dh)  # dL/d(first pre-activation) = scale * e
+        first = torch.matmul(self.inputs_t, e.transpose(1, 2)).transpose(1, 2).mul_(scale)  # [p, H, d + 1]
+        return mse, [first[..., :-1], first[..., -1]] + grads
 
     def step(self) -> Tensor:
         """One Adam step for every member; returns each member's mse before the step."""
