@@ -186,9 +186,7 @@ class ProbeNet(nn.Module):
     "ProbeGen"). It sees the function, not the weights, so it is invariant to *every* symmetry
     that leaves the function unchanged (hidden permutations, ReLU rescaling, SIREN sign flips),
     but it needs the architecture itself (``template``, whose parameter names are the spec's
-    ``weight_name`` / ``bias_name``) and raw weights: ``weight_mean`` / ``weight_std`` (one
-    scalar per tensor, weights then biases of each layer, as a ``Normalizer`` keeps them) undo a
-    per-tensor normalization first. Several outputs are read as log-probabilities and
+    ``weight_name`` / ``bias_name``) and raw weights, not normalized ones. Several outputs are read as log-probabilities and
     probabilities (a classifier's logits carry an arbitrary offset and scale), one output as a
     value.
 
@@ -202,8 +200,7 @@ class ProbeNet(nn.Module):
     def __init__(self, spec: WeightSpaceSpec, template: nn.Module, input_shape: Sequence[int], out_features: int = 1,
                  num_probes: int = 32, hidden: int = 256, depth: int = 3, activation: str = "relu",
                  dropout: float = 0.0, probe_range: tuple[float, float] = (0.0, 1.0), generator_depth: int = 4,
-                 code_dim: int = 32, generator_width: int = 64,
-                 weight_mean: Sequence[float] | None = None, weight_std: Sequence[float] | None = None):
+                 code_dim: int = 32, generator_width: int = 64):
         super().__init__()
         names = {n for n, _ in template.named_parameters()}
         wanted = [n for layer in spec.layers for n in (layer.weight_name, layer.bias_name if layer.has_bias else None)
@@ -213,14 +210,6 @@ class ProbeNet(nn.Module):
             raise ValueError(f"ProbeNet's template has parameters {sorted(names)}, the weight space names "
                              f"{wanted}: they must be the same tensors")
         self._template = (template,)  # structure only: kept out of parameters(), state_dict() and .to()
-        n_tensors = 2 * spec.num_layers
-        mean = torch.zeros(n_tensors) if weight_mean is None else torch.tensor(list(weight_mean), dtype=torch.float32)
-        std = torch.ones(n_tensors) if weight_std is None else torch.tensor(list(weight_std), dtype=torch.float32)
-        if mean.shape != (n_tensors,) or std.shape != (n_tensors,):
-            raise ValueError(f"weight_mean and weight_std need {n_tensors} values (weights and biases of "
-                             f"{spec.num_layers} layers), got {tuple(mean.shape)} and {tuple(std.shape)}")
-        self.register_buffer("weight_mean", mean)
-        self.register_buffer("weight_std", std)
         self.spec = spec
         self.input_shape = tuple(input_shape)
         if generator_depth < 0 or num_probes < 1:
@@ -250,22 +239,15 @@ class ProbeNet(nn.Module):
             return self.probes
         return self.generator(self.codes).view(-1, *self.input_shape)
 
-    def raw_params(self, ws: WeightSpace) -> dict[str, Tensor]:
-        """The networks of ``ws`` as the template's stacked parameters, un-normalized: ``{name: [B, ...]}``."""
+    def forward(self, ws: WeightSpace) -> Tensor:
+        from torch.func import functional_call, vmap
+
         if ws.spec != self.spec:
             raise ValueError(f"ProbeNet was built for {self.spec}, got a weight space of {ws.spec}")
         if ws.channels != 1:
             raise ValueError(f"ProbeNet reads one-channel weight spaces (the networks themselves), got {ws.channels}")
-        mean, std = self.weight_mean, self.weight_std
-        raw = WeightSpace([w * std[2 * i] + mean[2 * i] for i, w in enumerate(ws.weights)],
-                          [b * std[2 * i + 1] + mean[2 * i + 1] for i, b in enumerate(ws.biases)], ws.spec)
-        return raw.to_params()
-
-    def forward(self, ws: WeightSpace) -> Tensor:
-        from torch.func import functional_call, vmap
-
         template, probes = self._template[0], self.probe_inputs()
-        outputs = vmap(lambda p: functional_call(template, p, (probes,)))(self.raw_params(ws))  # [B, K, n_out]
+        outputs = vmap(lambda p: functional_call(template, p, (probes,)))(ws.to_params())  # [B, K, n_out]
         if outputs.shape[-1] > 1:
             outputs = torch.cat([outputs.log_softmax(-1), outputs.softmax(-1)], -1)
         return self.net(outputs.flatten(1))

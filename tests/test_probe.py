@@ -1,6 +1,6 @@
 """ProbeNet, the probing model: it runs the networks it reads, so it must be invariant to every
 function-preserving change of the weights (hidden permutations, ReLU rescaling), notice changes that
-alter the function, undo the normalization it is told about, and learn a property of the function."""
+alter the function, and learn a property of the function."""
 
 import pytest
 import torch
@@ -56,19 +56,6 @@ def test_invariant_to_relu_rescaling_which_weight_models_are_not(arch):
         assert max_diff(model(rescaled), model(ws)) < 1e-4  # ... the same functions
 
 
-def test_undoes_the_normalization_it_is_given():
-    ws = batch("mlp4", n=5)
-    tensors = ws.tensors()
-    mean = [t.mean().item() for t in tensors]
-    std = [t.std().item() + 0.5 for t in tensors]
-    normalized = WeightSpace([(w - mean[2 * i]) / std[2 * i] for i, w in enumerate(ws.weights)],
-                             [(b - mean[2 * i + 1]) / std[2 * i + 1] for i, b in enumerate(ws.biases)], ws.spec)
-    raw_model = _probe("mlp4", ws)
-    norm_model = _probe("mlp4", ws, weight_mean=mean, weight_std=std)
-    with torch.no_grad():
-        assert max_diff(norm_model(normalized), raw_model(ws)) < 1e-5
-
-
 def test_learns_a_property_of_the_function():
     """Target: each random 1-16-1 ReLU MLP's output at x = 0.3, which no single weight shows."""
     torch.manual_seed(0)
@@ -114,7 +101,7 @@ def test_probes_are_free_or_generated_and_start_in_the_input_range(generator_dep
 def test_keeps_the_architecture_out_of_its_parameters_and_moves_with_the_model():
     ws = batch("cnn2d_gap", n=2)
     model = _probe("cnn2d_gap", ws, generator_depth=0)
-    assert set(model.state_dict()) == {"weight_mean", "weight_std", "probes"} | {
+    assert set(model.state_dict()) == {"probes"} | {
         f"net.{k}" for k in model.net.state_dict()}
     model = model.double()
     assert model._template[0][0].weight.dtype == torch.float64
@@ -126,8 +113,6 @@ def test_bad_input_is_a_clear_error():
     ws = batch("mlp2", n=2)
     with pytest.raises(ValueError, match="must be the same tensors"):
         ProbeNet(ws.spec, ARCHS["mlp4"](), (3,))
-    with pytest.raises(ValueError, match="need 4 values"):
-        ProbeNet(ws.spec, ARCHS["mlp2"](), (3,), weight_mean=[0.0] * 3)
     with pytest.raises(ValueError, match="generator_depth >= 0"):
         ProbeNet(ws.spec, ARCHS["mlp2"](), (3,), generator_depth=-1)
     model = _probe("mlp2", ws)

@@ -80,6 +80,18 @@ class Normalizer:
         return {"means": self.means, "stds": self.stds}
 
 
+class RawWeights(nn.Module):
+    """Undoes a :class:`Normalizer` in front of a model that runs the networks (the probe model),
+    since the splits hold normalized weights."""
+
+    def __init__(self, normalizer: Normalizer):
+        super().__init__()
+        self.normalizer = normalizer
+
+    def forward(self, ws: WeightSpace) -> WeightSpace:
+        return self.normalizer.inverse(ws)
+
+
 @dataclass
 class Splits:
     """The train/val/test networks of a dataset, already normalized, as one-channel weight spaces."""
@@ -309,10 +321,10 @@ def build_model(name: str, spec: WeightSpaceSpec, out_features: int, cfg: ModelC
         if cfg.fourier_features:
             raise StandaloneError("model 'probe' runs the networks on their raw weights, so it cannot read Fourier "
                                   "features; drop --fourier-features or the model")
-        return ProbeNet(spec, probe.network.template, probe.input_shape, out_features, cfg.num_probes,
-                        hidden=cfg.head_hidden, depth=3, dropout=cfg.dropout, probe_range=probe.input_range,
-                        generator_depth=cfg.probe_generator_depth, weight_mean=probe.normalizer.means,
-                        weight_std=probe.normalizer.stds)
+        model = ProbeNet(spec, probe.network.template, probe.input_shape, out_features, cfg.num_probes,
+                         hidden=cfg.head_hidden, depth=3, dropout=cfg.dropout, probe_range=probe.input_range,
+                         generator_depth=cfg.probe_generator_depth)
+        return nn.Sequential(RawWeights(probe.normalizer), model)
     encoder = FourierFeatures(1, cfg.fourier_features, cfg.fourier_scale) if cfg.fourier_features else None
     c = encoder.out_channels if encoder is not None else 1
     model = _build_trunk_and_head(name, spec, out_features, cfg, c)

@@ -12,7 +12,8 @@ from meta_train.standalone.__main__ import main
 from meta_train.standalone.classify import Classification
 from meta_train.standalone.generalization import Generalization, kendall_tau, pairwise_rank_loss
 from meta_train.standalone.regress import Regression
-from meta_train.standalone.harness import ModelConfig, StandaloneError, TrainConfig, run_supervised
+from meta_train.standalone.harness import (ModelConfig, StandaloneError, TrainConfig, build_model, load_splits,
+                                           probing, run_supervised)
 from meta_train.standalone.smalldata import digits_inrs, sine_inrs, split_column
 from metaopt import WeightSpace
 from tasks.weight_data import WeightDataset, shard_path
@@ -127,6 +128,17 @@ def test_probe_model_runs_every_architecture_a_dataset_records(task, fixture, me
     row = payload["rows"][0]
     assert row["model"] == "probe" and math.isfinite(row[metric]) and "| probe |" in md
     assert payload["model_config"]["num_probes"] == 5
+
+
+def test_the_harness_probe_model_runs_the_raw_networks_behind_normalized_weights(trained_zoo_dir):
+    splits = load_splits(trained_zoo_dir, ["test_accuracy"])
+    assert max(abs(m) for m in splits.normalizer.means) > 1e-3  # the splits hold normalized weights
+    model = build_model("probe", splits.spec, 1, ModelConfig(num_probes=4), probe=probing(splits))
+    raw_model = model[1]  # ProbeNet itself, on raw weights
+    raw = splits.normalizer.inverse(splits.test)
+    with torch.no_grad():
+        torch.testing.assert_close(model(splits.test), raw_model(raw))
+        assert not torch.allclose(raw_model(splits.test), raw_model(raw), atol=1e-3)  # so undoing it matters
 
 
 def test_probe_model_errors_name_the_problem(zoo_dir, sine_dir, digits_dir, tmp_path, capsys):
