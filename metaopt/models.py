@@ -186,9 +186,9 @@ class ProbeNet(nn.Module):
     "ProbeGen"). It sees the function, not the weights, so it is invariant to *every* symmetry
     that leaves the function unchanged (hidden permutations, ReLU rescaling, SIREN sign flips),
     but it needs the architecture itself (``template``, whose parameter names are the spec's
-    ``weight_name`` / ``bias_name``) and raw weights, not normalized ones. Several outputs are read as log-probabilities and
-    probabilities (a classifier's logits carry an arbitrary offset and scale), one output as a
-    value.
+    ``weight_name`` / ``bias_name``) and raw weights, not normalized ones. Several outputs are
+    read as log-probabilities and probabilities (a classifier's logits carry an arbitrary offset
+    and scale), one output as a value.
 
     With ``generator_depth`` > 0 the probes are ProbeGen's: one learned code per probe mapped by a
     shared *deep linear* generator (``generator_depth`` linear layers, no activations), whose

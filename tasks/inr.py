@@ -319,14 +319,15 @@ class SirenFit:
 
         g = residual.mul_(2.0 / N)  # dL/d(output), [p, 1, N]
         grads = [torch.bmm(g, h.transpose(1, 2)), g.sum(2)]
-        # dL/dh = scale * dh: kept factored while it is the outer product last.weight^T g
-        scale, dh = last.weight.transpose(1, 2) * w0, g  # [p, H, 1] (w0 of the sine's argument), [p, 1, N]
+        # w0 dL/dh = scale * dh (w0 from the sine's argument w0 (W h + b)), kept factored while it is the
+        # outer product last.weight^T g
+        scale, dh = last.weight.transpose(1, 2) * w0, g  # [p, H, 1], [p, 1, N]
         for layer, a, h_in in zip(reversed(layers[1:-1]), reversed(pre), reversed(inputs[:-1])):
-            e = fast_cos(a, out=a).mul_(dh)  # dL/da = scale * e, overwriting the spent pre-activation
+            e = fast_cos(a, out=a).mul_(dh)  # w0 dL/da = scale * e, overwriting the spent pre-activation
             grads = [torch.bmm(e, h_in.transpose(1, 2)).mul_(scale), e.sum(2, keepdim=True).mul_(scale)[..., 0]] + grads
             dh = torch.bmm(e.transpose(1, 2), layer.weight * scale).transpose(1, 2)  # [p, H_in, N], laid out as h_in
             scale = w0
-        e = cos1.mul_(dh)  # dL/d(first pre-activation) = scale * e
+        e = cos1.mul_(dh)  # w0 dL/d(first pre-activation) = scale * e
         first = torch.matmul(self.inputs_t, e.transpose(1, 2)).transpose(1, 2).mul_(scale)  # [p, H, d + 1]
         return mse, [first[..., :-1], first[..., -1]] + grads
 
