@@ -226,6 +226,8 @@ def test_population_to_device_carries_data_batches_and_the_fit():
     assert all(t.is_meta for t in population.sample_batch(None))
     fit = SirenFit(population, [0, 1, 2])
     assert fit.flat.is_meta and fit.flat.shape[0] == 3 and fit.targets.is_meta
+    losses = fit.step()  # every tensor of the hand-written step lives on the fit's device
+    assert losses.is_meta and losses.shape == (3,) and fit.grad.is_meta
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
