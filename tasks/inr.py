@@ -240,7 +240,7 @@ class SirenFit:
         data = population.device_data()  # follows Population.to(device): the whole fit runs there
         self.axes = data.axes
         # [d + 1, N]: the grid coordinates and a row of ones, for the first layer's gradients
-        self.inputs_t = torch.cat([data.coords, torch.ones_like(data.coords[:, :1])], dim=1).T.contiguous()
+        self.grid_t = torch.cat([data.coords, torch.ones_like(data.coords[:, :1])], dim=1).T.contiguous()
         self.targets = data.targets  # [P, N, 1]
         self.lr, self.betas, self.eps = lr, betas, eps
 
@@ -328,7 +328,7 @@ class SirenFit:
             dh = torch.bmm(e.transpose(1, 2), layer.weight * scale).transpose(1, 2)  # [p, H_in, N], laid out as h_in
             scale = w0
         e = cos1.mul_(dh)  # w0 dL/d(first pre-activation) = scale * e
-        first = torch.matmul(self.inputs_t, e.transpose(1, 2)).transpose(1, 2).mul_(scale)  # [p, H, d + 1]
+        first = torch.matmul(self.grid_t, e.transpose(1, 2)).transpose(1, 2).mul_(scale)  # [p, H, d + 1]
         return mse, [first[..., :-1], first[..., -1]] + grads
 
     def step(self) -> Tensor:
