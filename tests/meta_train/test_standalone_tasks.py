@@ -15,7 +15,7 @@ from meta_train.standalone.regress import Regression
 from meta_train.standalone.harness import (ModelConfig, StandaloneError, TrainConfig, build_model, load_splits,
                                            probing, run_supervised)
 from meta_train.standalone.smalldata import digits_inrs, sine_inrs, split_column
-from metaopt import WeightSpace
+from metaopt import WeightSpace, random_hidden_perms
 from tasks.weight_data import WeightDataset, shard_path
 
 from _standalone_data import FAST, classifier_zoo, digits_folder, synthetic_zoo
@@ -139,6 +139,10 @@ def test_the_harness_probe_model_runs_the_raw_networks_behind_normalized_weights
     with torch.no_grad():
         torch.testing.assert_close(model(splits.test), raw_model(raw))
         assert not torch.allclose(raw_model(splits.test), raw_model(raw), atol=1e-3)  # so undoing it matters
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):  # the normalizer's per-tensor scalars keep the whole model invariant
+            perms = random_hidden_perms(splits.spec, g, batch_size=splits.test.batch_size)
+            torch.testing.assert_close(model(splits.test.permute_hidden(perms)), model(splits.test))
 
 
 def test_probe_model_errors_name_the_problem(zoo_dir, sine_dir, digits_dir, tmp_path, capsys):
