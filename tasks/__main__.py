@@ -47,8 +47,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "other processes keep busy")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--worker", type=_worker, default=(0, 1), metavar="K/N",
-                   help="build only shards i with i %% N == K; start N processes (K = 0 .. N-1, same command "
-                        "otherwise, e.g. one thread each on a multi-core CPU) to build one folder together")
+                   help="start with shards i with i %% N == K, then take the shards no process has started; start N "
+                        "processes (K = 0 .. N-1, same command otherwise, e.g. one thread each on a multi-core CPU) "
+                        "to build one folder together")
 
 
 def _fit_options(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
@@ -183,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     missing = missing_shards(out)
-    if missing:  # other workers' shards
-        print(f"worker {args.worker[0]}/{args.worker[1]}: its shards are in {out}; {len(missing)} shard(s) of other "
-              f"workers still missing, the folder loads once every worker has finished")
+    if missing:  # shards other processes are building
+        print(f"worker {args.worker[0]}/{args.worker[1]}: done; {len(missing)} shard(s) of {out} are being built by "
+              f"other processes, the folder loads once every worker has finished")
         return 0
     print(summary(out))
     print(f"load it with: tasks.weight_data.WeightDataset.load({str(out)!r})")

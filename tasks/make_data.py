@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -188,11 +189,14 @@ def _record_shard_count(out: Path, n_shards: int) -> None:
 def _build_shards(out: Path, n_shards: int, make_shard: Callable[[int], WeightDataset], desc: str,
                   summary: str, progress: bool, on_shard: OnShard | None,
                   worker: tuple[int, int] = (0, 1)) -> None:
-    """Make and save every shard not yet on disk, in order; tqdm shows shards and the mean ``summary`` column.
+    """Make and save every shard not yet on disk; tqdm shows the folder's shards and the mean ``summary``.
 
-    ``worker=(k, n)``: only shards ``i`` with ``i % n == k``, so that n processes (or machines
-    sharing the folder) build one dataset together; each shard is written atomically, and a shard
-    depends only on the recipe and its index, so the result is the same as one process's."""
+    ``worker=(k, n)``: start with the shards ``i`` with ``i % n == k``, then take any other shard
+    that no process has started (from the last one down), so that n processes (or machines
+    sharing the folder) build one dataset together and finish within about one shard of each
+    other.  A shard is built under a file lock (``shard-i.safetensors.lock``, released by the OS
+    when a process dies) and written atomically; it depends only on the recipe and its index, so
+    the folder is the same as one process's, whoever built which shard."""
     k, n = worker
     if not 0 <= k < n:
         raise ValueError(f"worker must be (k, n) with 0 <= k < n, got {worker}")
@@ -202,21 +206,43 @@ def _build_shards(out: Path, n_shards: int, make_shard: Callable[[int], WeightDa
         raise WeightDataError(f"{out} has shards {extra} beyond the {n_shards} this recipe makes; "
                               "the folder was changed by hand, delete it to rebuild")
     _record_shard_count(out, n_shards)
-    mine = [i for i in range(n_shards) if i % n == k]
-    todo = [i for i in mine if i not in on_disk]
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, unit="shard", disable=not progress)
+    order = [i for i in range(n_shards) if i % n == k] + [i for i in reversed(range(n_shards)) if i % n != k]
+    bar = tqdm(total=n_shards, initial=len(on_disk), desc=desc, unit="shard", disable=not progress)
     values: list[Tensor] = []
     try:
-        for i in todo:
-            shard = make_shard(i)
-            shard.save_shard(shard_path(out, i))
+        for i in order:
+            shard = _build_locked(out, i, make_shard)
+            if shard is None:  # on disk, or another process builds it
+                continue
             values.append(shard.meta[summary].float())
             bar.set_postfix({f"mean {summary}": f"{torch.cat(values).mean():.3f}"})
-            bar.update()
+            bar.update(len(existing_shards(out)) - bar.n)  # other workers' shards count too
             if on_shard is not None:
                 on_shard(i, shard)
     finally:
         bar.close()
+
+
+def _build_locked(out: Path, i: int, make_shard: Callable[[int], WeightDataset]) -> WeightDataset | None:
+    """Build and save shard ``i`` unless it is on disk or locked by another process (then None)."""
+    path = shard_path(out, i)
+    if path.exists():
+        return None
+    lock = FileLock(f"{path}.lock")
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        return None
+    try:
+        if path.exists():  # finished by another process between the check and the lock
+            return None
+        shard = make_shard(i)
+        shard.save_shard(path)
+        return shard
+    finally:
+        lock.release()
+        if path.exists():  # a lock file outlives a killed build, and only then
+            Path(lock.lock_file).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------

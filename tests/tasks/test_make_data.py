@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from filelock import FileLock
 from safetensors import safe_open
 
 from tasks import INRTask, Population, SirenFit, data, grid, psnr, siren
@@ -115,10 +116,17 @@ def test_rebuild_is_identical_and_resume_fits_only_missing_shards(tmp_path):
     assert built == []  # a complete folder is a cache hit
 
 
-def test_workers_build_the_same_folder_and_an_unfinished_one_does_not_load(tmp_path, capsys):
+def test_a_worker_skips_shards_other_processes_hold_and_an_unfinished_folder_does_not_load(tmp_path, capsys):
     built = []
-    a = build_image_inrs(tmp_path / "a", **TINY_INR, worker=(1, 2), on_shard=lambda i, shard: built.append(i))
+    a = tmp_path / "a"
+    a.mkdir()
+    others = [FileLock(f"{shard_path(a, i)}.lock") for i in (0, 2)]  # shards 0 and 2 in progress elsewhere
+    for lock in others:
+        lock.acquire(blocking=False)
+    build_image_inrs(a, **TINY_INR, worker=(1, 2), on_shard=lambda i, shard: built.append(i))
     assert built == [1]
+    for lock in others:
+        lock.release()
     assert json.loads((a / RECIPE_FILE).read_text())["shards"] == 3
     with pytest.raises(WeightDataError, match=r"unfinished: 2 shard\(s\) missing \(0, 2\)"):
         WeightDataset.load(a)
@@ -137,6 +145,14 @@ def test_workers_build_the_same_folder_and_an_unfinished_one_does_not_load(tmp_p
         main(argv + ["--worker", "2/2"])
     with pytest.raises(ValueError, match="worker"):
         build_image_inrs(tmp_path / "c", **TINY_INR, worker=(2, 2))
+
+
+def test_a_worker_done_with_its_share_builds_the_shards_nobody_started(tmp_path):
+    built = []
+    a = build_image_inrs(tmp_path / "a", **TINY_INR, worker=(1, 2), on_shard=lambda i, shard: built.append(i))
+    assert built == [1, 2, 0]  # its own, then the others' from the last one down
+    assert same_data(a, build_image_inrs(tmp_path / "b", **TINY_INR))
+    assert not list(a.glob("*.lock"))  # lock files go once their shard is on disk
 
 
 def test_other_recipe_in_existing_folder_is_an_error(tmp_path):
