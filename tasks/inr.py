@@ -333,16 +333,22 @@ class SirenFit:
 
     def step(self) -> Tensor:
         """One Adam step for every member; returns each member's mse before the step."""
+        mse = self.measure()
+        self.update()
+        return mse
+
+    def measure(self) -> Tensor:
+        """Each member's mse [len(self)] at the current parameters, and the gradients :meth:`update` applies
+        (in between, :meth:`keep` can drop members whose parameters are to stay as they are now)."""
         losses = []
         for layers, grad_views, targets in self.chunks:
             mse, grads = self._loss_and_grads(layers, targets)
             for view, g in zip((t for layer in grad_views for t in layer), grads):
                 view.copy_(g)
             losses.append(mse)
-        self._adam()
         return torch.cat(losses)
 
-    def _adam(self) -> None:
+    def update(self) -> None:
         # Same update as torch.optim.Adam (no weight decay), for all members in one go.
         self.t += 1
         b1, b2 = self.betas

@@ -276,20 +276,18 @@ def fit_sirens(network: Network, signals: Tensor, seeds: Sequence[int], steps: i
     params = fit.params()  # the result, [P, ...] (a copy the fit does not touch)
     bar = tqdm(total=steps, desc="fit", unit="step", leave=False, mininterval=1.0, disable=not progress)
     for t in range(steps):
-        before = fit.params() if target_psnr is not None else None
-        mse = fit.step()  # the mse of `before`: step() measures, then updates
+        mse = fit.measure()
         bar.update()
-        if before is None:
-            continue
-        hit = psnr(mse) >= target_psnr
-        if hit.any():  # freeze them at `before` and stop computing them
-            for k in params:
-                params[k][active[hit]] = before[k][hit]
+        hit = psnr(mse) >= target_psnr if target_psnr is not None else None
+        if hit is not None and hit.any():  # freeze them as they are and stop computing them
+            for k, v in fit.params().items():
+                params[k][active[hit]] = v[hit]
             used[active[hit]] = t
             active = active[~hit]
             if len(active) == 0:
                 break
             fit.keep(~hit)
+        fit.update()
     bar.close()
     if len(active):
         for k, v in fit.params().items():
