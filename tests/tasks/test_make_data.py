@@ -155,6 +155,20 @@ def test_a_worker_done_with_its_share_builds_the_shards_nobody_started(tmp_path)
     assert not list(a.glob("*.lock"))  # lock files go once their shard is on disk
 
 
+def test_an_interrupted_shard_leaves_only_its_lock_file_and_the_next_build_takes_it_over(tmp_path, monkeypatch):
+    def interrupted(self, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(WeightDataset, "save_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_image_inrs(tmp_path / "a", **TINY_INR)
+    assert [p.name for p in (tmp_path / "a").glob("shard-*")] == ["shard-00000.safetensors.lock"]
+    monkeypatch.undo()
+    built = []
+    a = build_image_inrs(tmp_path / "a", **TINY_INR, on_shard=lambda i, shard: built.append(i))
+    assert built == [0, 1, 2] and not list(a.glob("*.lock"))
+
+
 def test_other_recipe_in_existing_folder_is_an_error(tmp_path):
     out = build_image_inrs(tmp_path / "inr", **{**TINY_INR, "limit": 1})
     with pytest.raises(WeightDataError, match=r"another recipe \(steps: folder has 30, this build asks 31\)"):
