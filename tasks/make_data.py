@@ -278,9 +278,8 @@ def fit_sirens(network: Network, signals: Tensor, seeds: Sequence[int], steps: i
     for t in range(steps):
         mse = fit.measure()
         bar.update()
-        hit = psnr(mse) >= target_psnr if target_psnr is not None else None
-        if hit is not None and hit.any():  # freeze them as they are and stop computing them
-            for k, v in fit.params().items():
+        if target_psnr is not None and (hit := psnr(mse) >= target_psnr).any():
+            for k, v in fit.params().items():  # freeze them as they are and stop computing them
                 params[k][active[hit]] = v[hit]
             used[active[hit]] = t
             active = active[~hit]
