@@ -4,7 +4,8 @@
 
 1. INR fitting: SIREN 2-32-32-1 on 28x28 Fashion-MNIST images, Adam (lr 1e-3), 1000 full-image
    steps per INR, in INRs per minute.  Batched: ``tasks.SirenFit`` on a population.  Baselines:
-   autograd on ``Population.loss`` with ``torch.optim.Adam``, and the one-INR-at-a-time loop
+   the same fit with sines and cosines computed apart (numpy, torch; for ``tasks.sincos``), autograd
+   on ``Population.loss`` with ``torch.optim.Adam``, and the one-INR-at-a-time loop
    (``tasks.train``: nn.Module + torch.optim.Adam).  Baselines run fewer INRs / steps and are
    extrapolated linearly to 1000 steps per INR; the table says which rows are.
 2. Classifiers: a population of 64 against 64 single runs (``tasks.train``), in task-steps/s.
@@ -73,19 +74,27 @@ def bench_inr(quick: bool) -> None:
     report(block, "batched SirenFit (hand-written backward)", 60 / per_inr, "INRs/min", note)
     batched = 60 / per_inr
 
-    # The same fit with torch's own sine and cosine, the baseline of tasks.inr.fast_sin/fast_cos.
-    fast = (tasks.inr.fast_sin, tasks.inr.fast_cos)
-    tasks.inr.fast_sin, tasks.inr.fast_cos = torch.sin, torch.cos
-    try:
-        fit = SirenFit(pop, seeds, lr=1e-3, chunk=16)
-        fit.step()
-        s = 50 if quick else 200
-        seconds, _ = timed(lambda: [fit.step() for _ in range(s)])
-    finally:
-        tasks.inr.fast_sin, tasks.inr.fast_cos = fast
-    per_inr = seconds / size * steps / s
-    report(block, "batched SirenFit, torch.sin/torch.cos", 60 / per_inr, "INRs/min",
-           f"{s} steps extrapolated; numpy's sine (the default) is {batched * per_inr / 60:.2f}x")
+    # The same fit with the sines and cosines computed apart, by numpy's SIMD functions (the default before
+    # tasks.sincos) and by torch's: the baselines of tasks.sincos.sin_cos.
+    def numpy_pair(x):
+        s, c = torch.empty_like(x), torch.empty_like(x)
+        np.sin(x.numpy(), out=s.numpy())
+        np.cos(x.numpy(), out=c.numpy())
+        return s, c
+
+    fused = tasks.inr.sin_cos
+    for name, pair in (("numpy's sin, cos", numpy_pair), ("torch.sin, torch.cos", lambda x: (x.sin(), x.cos()))):
+        tasks.inr.sin_cos = pair
+        try:
+            fit = SirenFit(pop, seeds, lr=1e-3, chunk=16)
+            fit.step()
+            s = 50 if quick else 200
+            seconds, _ = timed(lambda: [fit.step() for _ in range(s)])
+        finally:
+            tasks.inr.sin_cos = fused
+        per_inr = seconds / size * steps / s
+        report(block, f"batched SirenFit, {name} apart", 60 / per_inr, "INRs/min",
+               f"{s} steps extrapolated; one-pass sin_cos (the default) is {batched * per_inr / 60:.2f}x")
 
     n, s = (16, 10) if quick else (64, 30)
     small = Population(pop.tasks[:n])

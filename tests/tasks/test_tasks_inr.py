@@ -141,20 +141,38 @@ def test_dropping_members_leaves_the_others_unchanged():
         part.keep(torch.tensor([True, False]))
 
 
-def test_fast_sine_and_cosine_match_torch():
-    from tasks.inr import fast_cos, fast_sin
+def test_sin_cos_matches_float64_reference():
+    from tasks.sincos import REDUCTION_LIMIT, sin_cos
 
-    x = torch.linspace(-200.0, 200.0, 100_001).reshape(11, -1)  # SIREN pre-activations reach ~w0 * |Wx + b|
-    for fast, ref in ((fast_sin, torch.sin), (fast_cos, torch.cos)):
-        assert torch.allclose(fast(x), ref(x), atol=2e-6, rtol=0)
-        out = torch.empty_like(x)
-        assert fast(x, out=out) is out and torch.allclose(out, ref(x), atol=2e-6, rtol=0)
-        y = x.clone()
-        fast(y, out=y)  # in place, as the backward pass uses it
-        assert torch.allclose(y, ref(x), atol=2e-6, rtol=0)
-        # what numpy cannot take goes to torch: float64, a transposed view, a tensor that needs grad
-        assert torch.equal(fast(x.double()), ref(x.double()))
-        assert torch.allclose(fast(x.t()), ref(x.t()), atol=2e-6, rtol=0)
-        w = x[:2, :5].clone().requires_grad_()
-        fast(w).sum().backward()
-        assert w.grad is not None
+    quadrant_edges = torch.arange(-40, 41, dtype=torch.float64)[:, None] * math.pi / 2 + torch.tensor([-1e-6, 0, 1e-6])
+    for x in (torch.linspace(-200.0, 200.0, 100_001),  # SIREN pre-activations reach ~w0 * |Wx + b|
+              torch.linspace(-REDUCTION_LIMIT + 1, REDUCTION_LIMIT - 1, 100_001),
+              quadrant_edges.flatten().float()):
+        s, c = sin_cos(x.reshape(-1, 7) if len(x) % 7 == 0 else x)
+        exact = x.double()
+        assert (s.flatten().double() - exact.sin()).abs().max() < 2e-7  # numpy and torch: 7e-8
+        assert (c.flatten().double() - exact.cos()).abs().max() < 2e-7
+    x = torch.randn(3, 5)
+    s, c = torch.empty(3, 5), torch.empty(3, 5)
+    assert sin_cos(x, s, c) == (s, c) and torch.allclose(s, x.sin(), atol=2e-7) and torch.allclose(c, x.cos(), atol=2e-7)
+    with pytest.raises(ValueError, match="cos_out has shape"):
+        sin_cos(x, s, torch.empty(5, 3))
+
+
+def test_sin_cos_leaves_what_the_kernel_cannot_take_to_torch():
+    from tasks.sincos import REDUCTION_LIMIT, sin_cos
+
+    # too large for the range reduction, infinite, NaN: exactly torch's answers (NaN where torch gives NaN)
+    x = torch.tensor([0.5, 2 * REDUCTION_LIMIT, 1e20, -math.inf, math.inf, math.nan, -3.0])
+    s, c = sin_cos(x)
+    assert torch.equal(s.isnan(), x.sin().isnan()) and torch.equal(c.isnan(), x.cos().isnan())
+    finite = ~x.sin().isnan()
+    assert torch.equal(s[finite], x.sin()[finite]) and torch.equal(c[finite], x.cos()[finite])
+    assert sin_cos(torch.tensor([math.nan, 1.0]))[0][0].isnan()  # NaN alone stays in the kernel, and stays NaN
+    # float64, a transposed view, a tensor that needs grad
+    y = torch.linspace(-50, 50, 60).reshape(6, 10)
+    for t in (y.double(), y.t()):
+        assert torch.equal(sin_cos(t)[0], t.sin()) and torch.equal(sin_cos(t)[1], t.cos())
+    w = y.clone().requires_grad_()
+    sum(sin_cos(w)).sum().backward()
+    assert torch.allclose(w.grad, y.cos() - y.sin())
