@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .base import Batch, Forward, Network, Params, Population, Sine, Task, TaskFamily, choose
 from .data import FASHION_MNIST_DIR, load_images, sine_wave
-from .sincos import sin_cos
+from .sincos import angle_sum_sin_cos, sin_cos
 
 INR_DATASETS = ("fashion_mnist", "fashion_mnist_8x8", "digits", "sine")
 
@@ -187,15 +187,16 @@ class SirenFit:
 
     * the first sine layer on a grid factorises: ``sin(a_i + b_j) = sin a_i cos b_j +
       cos a_i sin b_j`` (angle addition), so it needs sines of ``n_rows + n_cols`` values
-      instead of ``n_rows * n_cols``, and the same for the cosine of its backward pass;
+      instead of ``n_rows * n_cols``, and the same for the cosine of its backward pass
+      (:func:`tasks.sincos.angle_sum_sin_cos` writes both in one pass);
     * the backward pass reuses forward buffers in place and folds ``w0`` into the small weights;
       the last hidden layer's gradient, an outer product of the output weights and the residual,
       stays factored, and the first layer's gradients are one small matmul with the grid;
     * all members' parameters live in one flat ``[P, D]`` buffer, so Adam is a handful of
       big tensor ops for the whole population;
     * members run in chunks so a chunk's activations stay in cache;
-    * every sine comes with its cosine from one pass (:func:`tasks.sincos.sin_cos`), 2.1x
-      faster on CPU than numpy's SIMD sine and cosine apart, and 5x faster than torch's.
+    * every hidden sine comes with its cosine from one compiled pass
+      (:func:`tasks.sincos.sin_cos`), 2.1x faster on CPU than numpy's SIMD sine and cosine apart.
 
     ``torch.compile`` is deliberately not used: on CPU, inductor fuses the factorised
     first layer back into one loop over all pixels and evaluates the four small sines and
@@ -271,12 +272,9 @@ class SirenFit:
             sin, cos = sin_cos(a)
             return sin.transpose(1, 2), cos.transpose(1, 2)
         c = w0 * (self.axes[1][None, :, None] * w[:, None, :, 1])  # [p, n1, H]
-        (sa, ca), (sc, cc) = sin_cos(a), sin_cos(c)
-        sa, ca, sc, cc = sa[:, :, None], ca[:, :, None], sc[:, None], cc[:, None]
+        sin, cos = angle_sum_sin_cos(*sin_cos(a), *sin_cos(c))  # [p, n0, n1, H]
         p, H = w.shape[0], w.shape[1]
-        sin = torch.mul(sa, cc).addcmul_(ca, sc).view(p, -1, H)
-        cos = torch.mul(ca, cc).addcmul_(sa, sc, value=-1.0).view(p, -1, H)
-        return sin.transpose(1, 2), cos.transpose(1, 2)
+        return sin.view(p, -1, H).transpose(1, 2), cos.view(p, -1, H).transpose(1, 2)
 
     def _loss_and_grads(self, layers: list[_Layer], targets: Tensor) -> tuple[Tensor, list[Tensor]]:
         # Activations are [p, H, N] (the first layer's are views of [p, N, H] memory): the output layer

@@ -1,17 +1,21 @@
-"""Sine and cosine of one tensor in one pass: the SIREN fit's hottest elementwise step.
+"""Sines and cosines for SIREN fits, each pair from one compiled pass (numba).
 
-Why: a SIREN fit needs both ``sin(a)`` (forward) and ``cos(a)`` (backward) of every hidden
-pre-activation. numpy's SIMD float32 sine and cosine take about 210 us each for 400k values on
-this project's CPUs (torch's eager ones 2.4x longer), and together they were a fifth of a
-fit's time. The numba loop below shares one range reduction between the two and compiles
-to AVX-512/AVX2 code: about 175 us for both (``benchmarks/tasks.py`` measures it).
+:func:`sin_cos` gives the sine and cosine of one tensor; :func:`angle_sum_sin_cos` those of every
+sum ``a_i + b_j`` (the first layer on a grid) from the sines and cosines of ``a`` and ``b``.
+
+Why :func:`sin_cos`: a SIREN fit needs both ``sin(a)`` (forward) and ``cos(a)`` (backward) of every hidden
+pre-activation. numpy's SIMD float32 sine and cosine take about 210 us each for the 400k values
+of a 16-INR chunk on this project's CPUs (torch's eager ones 2.4x longer), a fifth of a fit's
+time. The numba loop below shares one range reduction between the two and compiles to the
+CPU's vector instructions: about 200 us for both (``benchmarks/tasks.py`` measures the fit).
 
 Method (the classic single-precision one, as in Cephes' ``sinf``): ``x = j pi/2 + r`` with
-``j = round(x 2/pi)`` and ``r`` from a three-part split of ``pi/2`` (fused multiply-adds keep
-every product exact up to ``|j| < 2^16``), then minimax polynomials for ``sin r`` and ``cos r``
-on ``[-pi/4, pi/4]`` and a quadrant swap. Largest error against float64: 9.3e-8 (numpy's:
-7e-8). Inputs beyond :data:`REDUCTION_LIMIT` in magnitude, infinities and NaNs, and anything
-that is not a contiguous float32 CPU tensor, go to ``torch.sin``/``torch.cos``.
+``j = round(x 2/pi)`` and ``r`` from a three-part split of ``pi/2`` (the first part has 8
+significant bits, so ``j`` times it is exact while ``|j| < 2^16``), then minimax polynomials for
+``sin r`` and ``cos r`` on ``[-pi/4, pi/4]`` and a quadrant swap. Largest error against float64:
+9.3e-8 up to ``|x| = 65536`` (numpy's: 7e-8). Inputs beyond :data:`REDUCTION_LIMIT` in magnitude
+and infinities (the whole tensor is then redone), and anything that is not a contiguous float32
+CPU tensor, go to ``torch.sin``/``torch.cos``; NaN stays NaN.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ _C1, _C2, _C3 = _f(4.166664568298827e-2), _f(-1.388731625493765e-3), _f(2.443315
 _HALF, _ONE = _f(0.5), _f(1.0)
 
 
-# No "nnan"/"ninf" fast-math flags: NaN and infinity must come out as NaN, never as a number.
-@numba.njit(fastmath={"contract", "nsz", "arcp", "afn"}, boundscheck=False, error_model="numpy", cache=True)
+# No "nnan"/"ninf" fast-math flags: NaN and infinity must come out as NaN, never as a number. No on-disk
+# cache either (it needs a writable folder): compiling takes about a second, once per process.
+@numba.njit(fastmath={"contract", "nsz", "arcp", "afn"}, boundscheck=False, error_model="numpy")
 def _sincos_kernel(x, s, c):  # flat float32 arrays; returns how many |x| are too large for the reduction
     too_large = 0
     for i in range(x.size):
@@ -72,3 +77,33 @@ def sin_cos(x: Tensor, sin_out: Tensor | None = None, cos_out: Tensor | None = N
             return s, c
     s = torch.sin(x) if sin_out is None else torch.sin(x, out=sin_out)
     return s, torch.cos(x) if cos_out is None else torch.cos(x, out=cos_out)
+
+
+@numba.njit(fastmath={"contract", "nsz", "arcp", "afn"}, boundscheck=False, error_model="numpy")
+def _angle_sum_kernel(sin_a, cos_a, sin_b, cos_b, s, c):  # [p, m, H], [p, n, H] -> [p, m, n, H]
+    for k in range(s.shape[0]):
+        for i in range(s.shape[1]):
+            for j in range(s.shape[2]):
+                for h in range(s.shape[3]):
+                    s[k, i, j, h] = sin_a[k, i, h] * cos_b[k, j, h] + cos_a[k, i, h] * sin_b[k, j, h]
+                    c[k, i, j, h] = cos_a[k, i, h] * cos_b[k, j, h] - sin_a[k, i, h] * sin_b[k, j, h]
+
+
+def angle_sum_sin_cos(sin_a: Tensor, cos_a: Tensor, sin_b: Tensor, cos_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Sine and cosine of ``a[:, i] + b[:, j]`` for every ``i, j``: ``[p, m, n, H]`` each, from the sines and
+    cosines of ``a`` (``[p, m, H]``) and ``b`` (``[p, n, H]``), by angle addition.
+
+    Why: the first SIREN layer on an ``m x n`` grid has pre-activations ``a_i + b_j`` (row term plus
+    column term), so its ``m n H`` sines need only ``(m + n) H`` true ones. One compiled pass writes
+    both outputs: 2.1x faster than torch's four elementwise passes here (tensors that are not
+    contiguous float32 on the CPU take those passes)."""
+    (p, m, H), n = sin_a.shape, sin_b.shape[1]
+    if sin_b.shape != (p, n, H) or cos_a.shape != sin_a.shape or cos_b.shape != sin_b.shape:
+        raise ValueError(f"need sin_a, cos_a [p, m, H] and sin_b, cos_b [p, n, H]; got {tuple(sin_a.shape)}, "
+                         f"{tuple(cos_a.shape)}, {tuple(sin_b.shape)}, {tuple(cos_b.shape)}")
+    if all(map(_kernel_ok, (sin_a, cos_a, sin_b, cos_b))):
+        s, c = sin_a.new_empty(p, m, n, H), sin_a.new_empty(p, m, n, H)
+        _angle_sum_kernel(*(t.numpy() for t in (sin_a, cos_a, sin_b, cos_b, s, c)))
+        return s, c
+    sa, ca, sb, cb = sin_a[:, :, None], cos_a[:, :, None], sin_b[:, None], cos_b[:, None]
+    return torch.mul(sa, cb).addcmul_(ca, sb), torch.mul(ca, cb).addcmul_(sa, sb, value=-1.0)

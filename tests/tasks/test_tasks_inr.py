@@ -159,6 +159,19 @@ def test_sin_cos_matches_float64_reference():
         sin_cos(x, s, torch.empty(5, 3))
 
 
+def test_angle_sum_sin_cos_matches_the_sum_of_angles():
+    from tasks.sincos import angle_sum_sin_cos
+
+    a, b = torch.randn(3, 5, 4, dtype=torch.float64) * 30, torch.randn(3, 7, 4, dtype=torch.float64) * 30
+    exact = a[:, :, None] + b[:, None]  # [3, 5, 7, 4]
+    for dtype in (torch.float32, torch.float64):  # the compiled pass, and torch's elementwise one
+        s, c = angle_sum_sin_cos(*(t.to(dtype) for t in (a.sin(), a.cos(), b.sin(), b.cos())))
+        assert s.shape == c.shape == (3, 5, 7, 4) and s.dtype == dtype
+        assert (s.double() - exact.sin()).abs().max() < 3e-7 and (c.double() - exact.cos()).abs().max() < 3e-7
+    with pytest.raises(ValueError, match="need sin_a, cos_a"):
+        angle_sum_sin_cos(a.sin(), a.cos(), b.sin()[:, :, :3], b.cos())
+
+
 def test_sin_cos_leaves_what_the_kernel_cannot_take_to_torch():
     from tasks.sincos import REDUCTION_LIMIT, sin_cos
 
