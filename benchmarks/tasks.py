@@ -4,8 +4,9 @@
 
 1. INR fitting: SIREN 2-32-32-1 on 28x28 Fashion-MNIST images, Adam (lr 1e-3), 1000 full-image
    steps per INR, in INRs per minute.  Batched: ``tasks.SirenFit`` on a population.  Baselines:
-   the same fit with sines and cosines computed apart (numpy, torch; for ``tasks.sincos``), autograd
-   on ``Population.loss`` with ``torch.optim.Adam``, and the one-INR-at-a-time loop
+   the same fit with sines and cosines computed apart (numpy, torch; for
+   ``tasks.siren_kernels.sin_cos``), autograd on ``Population.loss`` with ``torch.optim.Adam``,
+   and the one-INR-at-a-time loop
    (``tasks.train``: nn.Module + torch.optim.Adam).  Baselines run fewer INRs / steps and are
    extrapolated linearly to 1000 steps per INR; the table says which rows are.
 2. Classifiers: a population of 64 against 64 single runs (``tasks.train``), in task-steps/s.
@@ -75,7 +76,7 @@ def bench_inr(quick: bool) -> None:
     batched = 60 / per_inr
 
     # The same fit with the sines and cosines computed apart, by numpy's SIMD functions (the default before
-    # tasks.sincos) and by torch's: the baselines of tasks.sincos.sin_cos.
+    # tasks.siren_kernels) and by torch's: the baselines of tasks.siren_kernels.sin_cos.
     def numpy_pair(x):
         s, c = torch.empty_like(x), torch.empty_like(x)
         np.sin(x.numpy(), out=s.numpy())

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .base import Batch, Forward, Network, Params, Population, Sine, Task, TaskFamily, choose
 from .data import FASHION_MNIST_DIR, load_images, sine_wave
-from .sincos import angle_sum_sin_cos, sin_cos
+from .siren_kernels import angle_sum_sin_cos, first_layer_grads, sin_cos
 
 INR_DATASETS = ("fashion_mnist", "fashion_mnist_8x8", "digits", "sine")
 
@@ -188,15 +188,16 @@ class SirenFit:
     * the first sine layer on a grid factorises: ``sin(a_i + b_j) = sin a_i cos b_j +
       cos a_i sin b_j`` (angle addition), so it needs sines of ``n_rows + n_cols`` values
       instead of ``n_rows * n_cols``, and the same for the cosine of its backward pass
-      (:func:`tasks.sincos.angle_sum_sin_cos` writes both in one pass);
+      (:func:`tasks.siren_kernels.angle_sum_sin_cos` writes both in one pass);
     * the backward pass reuses forward buffers in place and folds ``w0`` into the small weights;
       the last hidden layer's gradient, an outer product of the output weights and the residual,
-      stays factored, and the first layer's gradients are one small matmul with the grid;
+      stays factored, and the first layer's gradients are sums along the grid's rows and columns
+      (:func:`tasks.siren_kernels.first_layer_grads`, one compiled pass);
     * all members' parameters live in one flat ``[P, D]`` buffer, so Adam is a handful of
       big tensor ops for the whole population;
     * members run in chunks so a chunk's activations stay in cache;
     * every hidden sine comes with its cosine from one compiled pass
-      (:func:`tasks.sincos.sin_cos`), 2.1x faster on CPU than numpy's SIMD sine and cosine apart.
+      (:func:`tasks.siren_kernels.sin_cos`), 2.1x faster on CPU than numpy's SIMD sine and cosine apart.
 
     ``torch.compile`` is deliberately not used: on CPU, inductor fuses the factorised
     first layer back into one loop over all pixels and evaluates the four small sines and
@@ -215,8 +216,6 @@ class SirenFit:
             raise ValueError(f"SirenFit handles 1-D and 2-D grids, got {self.shape}")
         data = population.device_data()  # follows Population.to(device): the whole fit runs there
         self.axes = data.axes
-        # [d + 1, N]: the grid coordinates and a row of ones, for the first layer's gradients
-        self.grid_t = torch.cat([data.coords, torch.ones_like(data.coords[:, :1])], dim=1).T.contiguous()
         self.targets = data.targets  # [P, N, 1]
         self.lr, self.betas, self.eps = lr, betas, eps
 
@@ -301,8 +300,10 @@ class SirenFit:
             grads = [torch.bmm(e, h_in.transpose(1, 2)).mul_(scale), e.sum(2, keepdim=True).mul_(scale)[..., 0]] + grads
             dh = torch.bmm(e.transpose(1, 2), layer.weight * scale).transpose(1, 2)  # [p, H_in, N], laid out as h_in
             scale = w0
-        e = cos1.mul_(dh)  # w0 dL/d(first pre-activation) = scale * e
-        first = torch.matmul(self.grid_t, e.transpose(1, 2)).transpose(1, 2).mul_(scale)  # [p, H, d + 1]
+        # w0 dL/d(first pre-activation) = scale * cos1 * dh, summed against the grid; dh is [p, 1, N] when
+        # there is one hidden layer (then scale carries the output weights)
+        dh = dh.expand_as(cos1).transpose(1, 2)
+        first = first_layer_grads(cos1.transpose(1, 2), dh, self.axes).mul_(scale)  # [p, H, d + 1]
         return mse, [first[..., :-1], first[..., -1]] + grads
 
     def step(self) -> Tensor:

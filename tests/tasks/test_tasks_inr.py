@@ -54,7 +54,8 @@ def test_signal_and_network_must_agree():
         tasks.INRFamily("cifar10")
 
 
-@pytest.mark.parametrize("shape,hidden", [((8, 8), (16, 16)), ((8, 8), (8, 12, 8)), ((32,), (16,))])
+@pytest.mark.parametrize("shape,hidden", [((8, 8), (16, 16)), ((8, 8), (8, 12, 8)), ((8, 8), (16,)), ((32,), (16,)),
+                                         ((32,), (8, 8))])
 def test_fast_gradients_equal_autograd(shape, hidden):
     n = 5
     if len(shape) == 2:
@@ -142,7 +143,7 @@ def test_dropping_members_leaves_the_others_unchanged():
 
 
 def test_sin_cos_matches_float64_reference():
-    from tasks.sincos import REDUCTION_LIMIT, sin_cos
+    from tasks.siren_kernels import REDUCTION_LIMIT, sin_cos
 
     quadrant_edges = torch.arange(-40, 41, dtype=torch.float64)[:, None] * math.pi / 2 + torch.tensor([-1e-6, 0, 1e-6])
     for x in (torch.linspace(-200.0, 200.0, 100_001),  # SIREN pre-activations reach ~w0 * |Wx + b|
@@ -160,7 +161,7 @@ def test_sin_cos_matches_float64_reference():
 
 
 def test_angle_sum_sin_cos_matches_the_sum_of_angles():
-    from tasks.sincos import angle_sum_sin_cos
+    from tasks.siren_kernels import angle_sum_sin_cos
 
     a, b = torch.randn(3, 5, 4, dtype=torch.float64) * 30, torch.randn(3, 7, 4, dtype=torch.float64) * 30
     exact = a[:, :, None] + b[:, None]  # [3, 5, 7, 4]
@@ -172,8 +173,24 @@ def test_angle_sum_sin_cos_matches_the_sum_of_angles():
         angle_sum_sin_cos(a.sin(), a.cos(), b.sin()[:, :, :3], b.cos())
 
 
+def test_first_layer_grads_sum_against_the_grid():
+    from tasks.siren_kernels import first_layer_grads
+
+    rows, cols = torch.linspace(-1, 1, 5), torch.linspace(-1, 1, 3)
+    cos, dh = torch.randn(2, 15, 4, dtype=torch.float64), torch.randn(2, 15, 4, dtype=torch.float64)
+    grid = torch.stack([rows.repeat_interleave(3), cols.repeat(5), torch.ones(15)]).double()  # row-major pixels
+    expected = torch.einsum("cn,pnh->phc", grid, cos * dh)
+    for dtype in (torch.float32, torch.float64):  # the compiled pass, and torch's matmul
+        got = first_layer_grads(cos.to(dtype), dh.to(dtype), [rows.to(dtype), cols.to(dtype)])
+        assert got.shape == (2, 4, 3) and torch.allclose(got.double(), expected, atol=1e-5)
+    got = first_layer_grads(cos[:, :5].float(), dh[:, :5].float(), [rows])  # a 1-D grid: [coordinate, 1]
+    assert torch.allclose(got.double(), torch.einsum("cn,pnh->phc", grid[[0, 2]][:, ::3], (cos * dh)[:, :5]), atol=1e-5)
+    with pytest.raises(ValueError, match="on a grid of 1 or 2 axes"):
+        first_layer_grads(cos.float(), dh.float(), [rows, rows])
+
+
 def test_sin_cos_leaves_what_the_kernel_cannot_take_to_torch():
-    from tasks.sincos import REDUCTION_LIMIT, sin_cos
+    from tasks.siren_kernels import REDUCTION_LIMIT, sin_cos
 
     # too large for the range reduction, infinite, NaN: exactly torch's answers (NaN where torch gives NaN)
     x = torch.tensor([0.5, 2 * REDUCTION_LIMIT, 1e20, -math.inf, math.inf, math.nan, -3.0])

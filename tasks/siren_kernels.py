@@ -20,6 +20,9 @@ CPU tensor, go to ``torch.sin``/``torch.cos``; NaN stays NaN.
 
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import numba
 import numpy as np
 import torch
@@ -107,3 +110,43 @@ def angle_sum_sin_cos(sin_a: Tensor, cos_a: Tensor, sin_b: Tensor, cos_b: Tensor
         return s, c
     sa, ca, sb, cb = sin_a[:, :, None], cos_a[:, :, None], sin_b[:, None], cos_b[:, None]
     return torch.mul(sa, cb).addcmul_(ca, sb), torch.mul(ca, cb).addcmul_(sa, sb, value=-1.0)
+
+
+@numba.njit(fastmath={"contract", "nsz", "arcp", "afn"}, boundscheck=False, error_model="numpy")
+def _first_layer_grads_kernel(cos, dh, row, col, out):  # [p, m, n, H] twice, [m], [n] -> out [p, 3, H]
+    p, m, n, H = cos.shape
+    row_sum = np.empty(H, dtype=cos.dtype)
+    for k in range(p):
+        out[k] = 0
+        for i in range(m):
+            row_sum[:] = 0
+            for j in range(n):
+                for h in range(H):
+                    e = cos[k, i, j, h] * dh[k, i, j, h]
+                    row_sum[h] += e
+                    out[k, 1, h] += col[j] * e
+            for h in range(H):
+                out[k, 0, h] += row[i] * row_sum[h]
+                out[k, 2, h] += row_sum[h]
+
+
+def first_layer_grads(cos: Tensor, dh: Tensor, axes: Sequence[Tensor]) -> Tensor:
+    """``sum over pixels of [coordinates, 1] * cos * dh``, ``[p, H, d + 1]``: the first SIREN layer's weight
+    and bias gradients (up to ``w0``), from the cosine of its pre-activation and the gradient reaching its
+    sine, both ``[p, pixels, H]`` with the pixels of the grid ``axes`` (``d`` coordinate vectors) row-major.
+
+    Why: one compiled pass reads the two tensors once and sums along rows and columns of the grid,
+    instead of writing their product and multiplying it with the ``[d + 1, pixels]`` grid."""
+    p, N, H = cos.shape
+    if dh.shape != cos.shape or N != math.prod(len(a) for a in axes) or len(axes) not in (1, 2):
+        raise ValueError(f"need cos and dh [p, pixels, H] on a grid of 1 or 2 axes; got {tuple(cos.shape)}, "
+                         f"{tuple(dh.shape)}, axes of {[len(a) for a in axes]}")
+    row, col = axes if len(axes) == 2 else (axes[0], axes[0].new_zeros(1))
+    if all(map(_kernel_ok, (cos, dh, row, col))):
+        out = cos.new_empty(p, 3, H)
+        _first_layer_grads_kernel(*(t.numpy() for t in (cos.view(p, len(row), len(col), H),
+                                                        dh.view(p, len(row), len(col), H), row, col, out)))
+        return (out if len(axes) == 2 else out[:, [0, 2]]).transpose(1, 2)
+    grid = torch.cartesian_prod(*axes) if len(axes) == 2 else axes[0][:, None]
+    grid_t = torch.cat([grid, torch.ones_like(grid[:, :1])], dim=1).T  # [d + 1, N]
+    return torch.matmul(grid_t, cos * dh).transpose(1, 2)
