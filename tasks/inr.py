@@ -283,7 +283,7 @@ class SirenFit:
         h, cos1 = self._first_layer(*layers[0])
         inputs, cosines = [h], []  # inputs of the later layers; cosines of the hidden pre-activations
         for layer in layers[1:-1]:
-            h, cos = sin_cos(torch.baddbmm(w0 * layer.bias[:, :, None], w0 * layer.weight, h))  # [p, K, N]
+            h, cos = sin_cos(torch.bmm(w0 * layer.weight, h), w0 * layer.bias)  # [p, K, N], the bias added in the pass
             cosines.append(cos)
             inputs.append(h)
         last = layers[-1]

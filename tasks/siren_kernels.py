@@ -42,22 +42,23 @@ _HALF, _ONE = _f(0.5), _f(1.0)
 # No "nnan"/"ninf" fast-math flags: NaN and infinity must come out as NaN, never as a number. No on-disk
 # cache either (it needs a writable folder): compiling takes about a second, once per process.
 @numba.njit(fastmath={"contract", "nsz", "arcp", "afn"}, boundscheck=False, error_model="numpy")
-def _sincos_kernel(x, s, c):  # flat float32 arrays; returns how many |x| are too large for the reduction
+def _sincos_kernel(x, shift, s, c):  # x, s, c [R, C], shift [R]; returns how many |x + shift| are too large
     too_large = 0
-    for i in range(x.size):
-        v = x[i]
-        too_large += abs(v) >= REDUCTION_LIMIT  # infinities too; NaN gives NaN below anyway
-        j = np.floor(v * _TWO_OVER_PI + _HALF)
-        r = ((v - j * _PIO2_1) - j * _PIO2_2) - j * _PIO2_3
-        z = r * r
-        sin_r = r + r * z * (_S1 + z * (_S2 + z * _S3))
-        cos_r = _ONE - _HALF * z + z * z * (_C1 + z * (_C2 + z * _C3))
-        q = np.int32(j) & 3  # the quadrant (garbage when too large: the caller redoes those)
-        odd = (q & 1) == 1
-        a = cos_r if odd else sin_r
-        b = sin_r if odd else cos_r
-        s[i] = -a if q & 2 else a  # quadrants 2, 3: sin < 0
-        c[i] = -b if (q + 1) & 2 else b  # quadrants 1, 2: cos < 0
+    for row in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            v = x[row, i] + shift[row]
+            too_large += abs(v) >= REDUCTION_LIMIT  # infinities too; NaN gives NaN below anyway
+            j = np.floor(v * _TWO_OVER_PI + _HALF)
+            r = ((v - j * _PIO2_1) - j * _PIO2_2) - j * _PIO2_3
+            z = r * r
+            sin_r = r + r * z * (_S1 + z * (_S2 + z * _S3))
+            cos_r = _ONE - _HALF * z + z * z * (_C1 + z * (_C2 + z * _C3))
+            q = np.int32(j) & 3  # the quadrant (garbage when too large: the caller redoes those)
+            odd = (q & 1) == 1
+            a = cos_r if odd else sin_r
+            b = sin_r if odd else cos_r
+            s[row, i] = -a if q & 2 else a  # quadrants 2, 3: sin < 0
+            c[row, i] = -b if (q + 1) & 2 else b  # quadrants 1, 2: cos < 0
     return too_large
 
 
@@ -65,21 +66,20 @@ def _kernel_ok(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and not t.requires_grad
 
 
-def sin_cos(x: Tensor, sin_out: Tensor | None = None, cos_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(torch.sin(x), torch.cos(x))``, in one numba pass for contiguous float32 CPU tensors.
-
-    ``sin_out`` / ``cos_out`` (new tensors when None) must not overlap ``x`` or each other."""
-    for name, out in (("sin_out", sin_out), ("cos_out", cos_out)):
-        if out is not None and out.shape != x.shape:
-            raise ValueError(f"{name} has shape {tuple(out.shape)}, x has {tuple(x.shape)}")
-    if _kernel_ok(x) and x.numel():
-        s = torch.empty_like(x) if sin_out is None else sin_out
-        c = torch.empty_like(x) if cos_out is None else cos_out
-        if _kernel_ok(s) and _kernel_ok(c) and not _sincos_kernel(x.view(-1).numpy(), s.view(-1).numpy(),
-                                                                   c.view(-1).numpy()):
+def sin_cos(x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Sine and cosine of ``x + shift[..., None]`` (``shift`` of shape ``x.shape[:-1]``, for example a
+    layer's bias; none when None), in one numba pass for contiguous float32 CPU tensors."""
+    if shift is not None and shift.shape != x.shape[:-1]:
+        raise ValueError(f"shift has shape {tuple(shift.shape)}, need x's without the last dimension "
+                         f"{tuple(x.shape[:-1])}")
+    if _kernel_ok(x) and x.numel() and (shift is None or _kernel_ok(shift)):
+        rows = x.view(-1, x.shape[-1]) if shift is not None else x.view(1, -1)
+        shift_rows = shift.reshape(-1) if shift is not None else x.new_zeros(1)
+        s, c = torch.empty_like(x), torch.empty_like(x)
+        if not _sincos_kernel(rows.numpy(), shift_rows.numpy(), s.view(rows.shape).numpy(), c.view(rows.shape).numpy()):
             return s, c
-    s = torch.sin(x) if sin_out is None else torch.sin(x, out=sin_out)
-    return s, torch.cos(x) if cos_out is None else torch.cos(x, out=cos_out)
+    y = x if shift is None else x + shift[..., None]
+    return torch.sin(y), torch.cos(y)
 
 
 @numba.njit(fastmath={"contract", "nsz", "arcp", "afn"}, boundscheck=False, error_model="numpy")

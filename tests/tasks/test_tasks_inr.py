@@ -153,11 +153,13 @@ def test_sin_cos_matches_float64_reference():
         exact = x.double()
         assert (s.flatten().double() - exact.sin()).abs().max() < 2e-7  # numpy and torch: 7e-8
         assert (c.flatten().double() - exact.cos()).abs().max() < 2e-7
-    x = torch.randn(3, 5)
-    s, c = torch.empty(3, 5), torch.empty(3, 5)
-    assert sin_cos(x, s, c) == (s, c) and torch.allclose(s, x.sin(), atol=2e-7) and torch.allclose(c, x.cos(), atol=2e-7)
-    with pytest.raises(ValueError, match="cos_out has shape"):
-        sin_cos(x, s, torch.empty(5, 3))
+    x, shift = torch.randn(2, 3, 5) * 30, torch.randn(2, 3) * 30  # a shift per row: a layer's bias
+    for dtype in (torch.float32, torch.float64):  # the compiled pass, and torch
+        s, c = sin_cos(x.to(dtype), shift.to(dtype))
+        exact = (x.to(dtype) + shift.to(dtype)[..., None]).double()  # the sum rounded as the kernel rounds it
+        assert (s.double() - exact.sin()).abs().max() < 2e-7 and (c.double() - exact.cos()).abs().max() < 2e-7
+    with pytest.raises(ValueError, match="shift has shape"):
+        sin_cos(x, shift.t())
 
 
 def test_angle_sum_sin_cos_matches_the_sum_of_angles():
