@@ -77,14 +77,19 @@ def bench_inr(quick: bool) -> None:
 
     # The same fit with the sines and cosines computed apart, by numpy's SIMD functions (the default before
     # tasks.siren_kernels) and by torch's: the baselines of tasks.siren_kernels.sin_cos.
-    def numpy_pair(x):
+    def numpy_pair(x, shift=None):
+        x = x if shift is None else x + shift[..., None]
         s, c = torch.empty_like(x), torch.empty_like(x)
         np.sin(x.numpy(), out=s.numpy())
         np.cos(x.numpy(), out=c.numpy())
         return s, c
 
+    def torch_pair(x, shift=None):
+        x = x if shift is None else x + shift[..., None]
+        return x.sin(), x.cos()
+
     fused = tasks.inr.sin_cos
-    for name, pair in (("numpy's sin, cos", numpy_pair), ("torch.sin, torch.cos", lambda x: (x.sin(), x.cos()))):
+    for name, pair in (("numpy's sin, cos", numpy_pair), ("torch.sin, torch.cos", torch_pair)):
         tasks.inr.sin_cos = pair
         try:
             fit = SirenFit(pop, seeds, lr=1e-3, chunk=16)
