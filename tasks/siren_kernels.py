@@ -149,12 +149,13 @@ def first_layer_grads(cos: Tensor, dh: Tensor, axes: Sequence[Tensor]) -> Tensor
     if dh.shape != cos.shape or N != math.prod(len(a) for a in axes) or len(axes) not in (1, 2):
         raise ValueError(f"need cos and dh [p, pixels, H] on a grid of 1 or 2 axes; got {tuple(cos.shape)}, "
                          f"{tuple(dh.shape)}, axes of {[len(a) for a in axes]}")
-    row, col = axes if len(axes) == 2 else (axes[0], axes[0].new_zeros(1))
+    row, col = axes if len(axes) == 2 else (axes[0], axes[0].new_zeros(1))  # 1-D: one column at 0
     if all(map(_kernel_ok, (cos, dh, row, col))):
         out = cos.new_empty(p, 3, H)
         _first_layer_grads_kernel(*(t.numpy() for t in (cos.view(p, len(row), len(col), H),
                                                         dh.view(p, len(row), len(col), H), row, col, out)))
-        return (out if len(axes) == 2 else out[:, [0, 2]]).transpose(1, 2)
-    grid = torch.cartesian_prod(*axes) if len(axes) == 2 else axes[0][:, None]
-    grid_t = torch.cat([grid, torch.ones_like(grid[:, :1])], dim=1).T  # [d + 1, N]
-    return torch.matmul(grid_t, cos * dh).transpose(1, 2)
+    else:  # the same sums in torch ops
+        e = (cos * dh).reshape(p, len(row), len(col), H)
+        row_sums = e.sum(2)  # [p, m, H]
+        out = torch.stack([(row[:, None] * row_sums).sum(1), (col[:, None] * e.sum(1)).sum(1), row_sums.sum(1)], 1)
+    return (out if len(axes) == 2 else out[:, [0, 2]]).transpose(1, 2)
