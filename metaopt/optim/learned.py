@@ -102,6 +102,11 @@ class LearnedOptimizerConfig:
     # (None: refresh_every throughout). Its per-neuron outputs move slowly by then, while its cost,
     # fixed whatever the model's size, is most of the step's overhead over Adam on small models
     late_refresh_every: int | None = None
+    # with step_size "prodigy": the first moment averages d_k * g_k rather than g_k (Prodigy's own
+    # momentum), kept divided by the current d. While d grows 1e4-fold in its first ~20 steps, plain
+    # momentum still carries the gradients of the tiny steps at full weight into the first large
+    # ones: a stale, coherent push that killed the ReLU units of autoencoders (docs/optimizer.md)
+    distance_weighted_momentum: bool = False
 
     def __post_init__(self):
         if self.step_size not in STEP_SIZES:
@@ -325,7 +330,11 @@ class LearnedOptimizer(nn.Module):
                                                              *weights)
                 extra.update(grad_sums=sums, distance=[distance], distance_numerator=[numerator])
             lr = lr * extra["distance"][0]
-        exp_avg = [torch.lerp(m, g, 1 - c.beta1) for m, g in zip(state["exp_avg"], grads)]
+        exp_avg = state["exp_avg"]
+        if c.step_size == "prodigy" and c.distance_weighted_momentum:
+            ratio = state["distance"][0] / extra["distance"][0]  # [B]: d_{k-1} / d_k
+            exp_avg = [m * ratio.reshape((-1,) + (1,) * (m.dim() - 1)) for m in exp_avg]
+        exp_avg = [torch.lerp(m, g, 1 - c.beta1) for m, g in zip(exp_avg, grads)]
         exp_avg_sq = [v * c.beta2 + (1 - c.beta2) * g * g for v, g in zip(state["exp_avg_sq"], grads)]
         new_state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
         second_moment = exp_avg_sq

@@ -309,6 +309,13 @@ class MetaNetOptimizer(torch.optim.Optimizer):
             if lo and ("master_param" not in st or not torch.equal(st["master_param"].to(p.dtype), p)):
                 st["master_param"] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         params32 = [st["master_param"] if lo else _cast(p, torch.float32) for p, st, lo in zip(params, states, low)]
+        lr_factor = self.learned.lr_factor(step)
+        if prodigy:  # before the moments: with distance_weighted_momentum they follow d's change
+            previous = self.distance()
+            distance = self._update_distance(params32, grads32, states, step)
+            lr_factor *= distance
+            if self.learned.config.distance_weighted_momentum and distance != previous:
+                torch._foreach_mul_([st["exp_avg"] for st in states], previous / distance)
         if not self.compile and device.type in ("cpu", "cuda"):  # torch has fused Adam kernels for these
             deltas, coefficients = self._fused_deltas(params32, grads32, states, live_idx, step, structure, reuse,
                                                       max_exp_avg_sq)
@@ -321,9 +328,6 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         if self.learned.reuses_coefficients:
             states[0][_COEFFICIENTS] = coefficients
         index = {id(p): i for i, p in enumerate(params)}
-        lr_factor = self.learned.lr_factor(step)
-        if prodigy:
-            lr_factor *= self._update_distance(params32, grads32, states, step)
         for group in self.param_groups:
             lr, wd = group["lr"] * lr_factor, group["weight_decay"]
             chosen = [index[id(p)] for p in group["params"] if live[index[id(p)]]]
