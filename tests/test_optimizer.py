@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import math
 import warnings
 from unittest import mock
@@ -29,8 +30,9 @@ def random_learned(seed=0, scale=0.3, **config):
 LATE = {"refresh_every": 2, "mix_decay_from": 2, "amsgrad_from": 3, "lr_decay_from": 3}
 # the step size lr * d_t from Prodigy's distance estimate (the shipped default's)
 PRODIGY = {"step_size": "prodigy", "lr": 1.0, "distance_warmup": 2}  # every step to 2, then at refreshes
-# all of it, with the metanetwork's refreshes at steps 1, then (after the warm-up) 4, 7, ...
-SHIPPED_LIKE = {**LATE, **PRODIGY, "late_refresh_every": 3}
+# all of it, with the metanetwork's refreshes at steps 1, then (after the warm-up) 4, 7, ..., and the
+# first moment weighted by the distance estimate (PRODIGY alone keeps Adam's plain momentum)
+SHIPPED_LIKE = {**LATE, **PRODIGY, "late_refresh_every": 3, "distance_weighted_momentum": True}
 
 
 def data(name="mlp3", n=16, seed=0):
@@ -267,11 +269,14 @@ def test_low_precision_parameters_train_through_a_float32_master_copy(dtype):
     assert opts[dtype].distance() > 0.1 * opts[torch.float32].distance()
     p = next(nets[dtype].parameters())
     assert opts[dtype].state[p]["master_param"].dtype == torch.float32
-    # a parameter set from outside between steps is taken as it is, not overwritten by the master
+    # a parameter set from outside between steps is taken as it is, not overwritten by the master:
+    # one step later it is within a step of the value set, far from the master's old values
+    master = opts[dtype].state[p]["master_param"].clone()
     with torch.no_grad():
-        p.fill_(0.25)
+        p.fill_(2.0)
     train(nets[dtype], opts[dtype], 1, x.to(dtype), y.to(dtype))
-    assert (p.float() - 0.25).abs().max() < 0.05
+    assert (master - 2.0).abs().max() > 1.0
+    assert (p.float() - 2.0).abs().max() < 0.3
 
 
 def test_an_adam_like_lr_with_the_automatic_step_size_warns_and_the_fixed_rule_takes_it():
@@ -525,6 +530,45 @@ def test_prodigy_step_size_is_adam_at_lr_times_the_distance_estimate():
     for a, b in zip(*(n.parameters() for n in nets)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
     assert MetaNetOptimizer(nets[0].parameters(), learned=LearnedOptimizer()).distance() is None  # fixed lr
+
+
+def test_distance_weighted_momentum_is_prodigys_first_moment():
+    # untrained, with distance_weighted_momentum the first moment averages d_j * g_j (d_j: the
+    # estimate step j uses) and the step is lr * m_hat / (sqrt(v_hat) + eps): Prodigy's momentum.
+    # Reference: torch's AdamW at lr * d_k whose exp_avg, which then holds that average over d_k,
+    # is rescaled by d_{k-1} / d_k before each step (d recomputed in float64, as above). In float32
+    # like the optimizer: d reads differences of float32 weights, whose rounding it amplifies
+    nets, x, y = twin_nets()
+    config = LearnedOptimizerConfig(step_size="prodigy", lr_decay_from=3, distance_weighted_momentum=True)
+    ours = MetaNetOptimizer(nets[0].parameters(), lr=0.5, weight_decay=0.1, learned=LearnedOptimizer(config))
+    plain = copy.deepcopy(nets[0])
+    plain_opt = MetaNetOptimizer(plain.parameters(), lr=0.5, weight_decay=0.1,
+                                 learned=LearnedOptimizer(dataclasses.replace(config, distance_weighted_momentum=False)))
+    adam = torch.optim.AdamW(nets[1].parameters(), lr=0.0, weight_decay=0.1)
+    initial = [p.detach().double().clone() for p in nets[1].parameters()]
+    sums = [torch.zeros_like(p) for p in initial]
+    d, numerator, beta3 = 1e-6, 0.0, 0.999 ** 0.5
+    for t in range(1, 40):
+        adam.zero_grad()
+        loss_fn(nets[1], x, y).backward()
+        factor = 1.0 if t <= 3 else (3 / t) ** 0.5
+        weight = d * d * factor / 1e-6
+        grads = [p.grad.double() for p in nets[1].parameters()]
+        numerator = beta3 * numerator + weight * sum(float((g * (p0 - p.detach().double())).sum())
+                                                     for g, p0, p in zip(grads, initial, nets[1].parameters()))
+        sums = [beta3 * s + weight * g for s, g in zip(sums, grads)]
+        previous, d = d, max(d, numerator / float(sum(s.abs().sum() for s in sums)))
+        for st in adam.state.values():
+            st["exp_avg"].mul_(previous / d)
+        adam.param_groups[0]["lr"] = 0.5 * factor * d
+        adam.step()
+        train(nets[0], ours, 1, x, y)
+        train(plain, plain_opt, 1, x, y)
+    assert ours.distance() == pytest.approx(d, rel=1e-4)
+    for a, b in zip(*(n.parameters() for n in nets)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    # and it is not Adam's plain momentum: the two rules part while the estimate grows
+    assert max((a - b).abs().max().item() for a, b in zip(nets[0].parameters(), plain.parameters())) > 1e-4
 
 
 def test_distance_is_updated_every_step_then_at_refreshes_for_the_steps_between():
