@@ -85,6 +85,8 @@ class Config:
                             "(0: off)")
     step_size: str = _f("fixed", "the rule's step size: the suite's lr (fixed), or 1.0 times Prodigy's distance "
                         "estimate (prodigy, the shipped default's; needed to fine-tune it)", choices=("fixed", "prodigy"))
+    distance_weighted_momentum: bool = _f(False, "with step_size prodigy: the first moment averages d_t * g_t, "
+                                          "Prodigy's momentum (the shipped default's)")
     # outer optimizer
     outer_lr: float = _f(1e-3, "Adam learning rate for the meta-parameters")
     outer_betas: list = _f([0.9, 0.999], "Adam betas for the meta-parameters")

@@ -83,7 +83,8 @@ def learned_optimizer(config: Config, lr: float):
                                                    late_refresh_every=config.late_refresh_every or None,
                                                    mix_decay_from=config.mix_decay_from or None,
                                                    amsgrad_from=config.amsgrad_from or None,
-                                                   lr_decay_from=config.lr_decay_from or None))
+                                                   lr_decay_from=config.lr_decay_from or None,
+                                                   distance_weighted_momentum=config.distance_weighted_momentum))
 
 
 def _tiny(config: Config, device: torch.device) -> MetaProblem:
