@@ -30,6 +30,7 @@ from torch import Tensor, nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from metaopt import MetaNetOptimizer  # noqa: E402
+from metaopt.optim import DEFAULT_PATH  # noqa: E402
 
 CLASSES, BATCH = 3, 32
 
@@ -206,13 +207,15 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--out", default="out/unseen_models")
+    ap.add_argument("--learned", default=str(DEFAULT_PATH), help="learned optimizer file (default: shipped)")
     args = ap.parse_args()
-    optimizers = {"learned": lambda m: MetaNetOptimizer(m.parameters()),
+    optimizers = {"learned": lambda m: MetaNetOptimizer(m.parameters(), learned=args.learned),
                   "Adam 1e-3": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
                   "Adam 1e-2": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)}
     results = {name: {k: summarize([train(name, make, args.steps, s) for s in range(args.seeds)])
                       for k, make in optimizers.items()} for name in MODELS}
-    lines = [f"## The shipped default on unseen kinds of models ({args.steps} steps, {args.seeds} seeds)", "",
+    lines = [f"## The learned optimizer on unseen kinds of models ({args.steps} steps, {args.seeds} seeds)", "",
+             f"Learned: `{args.learned}`.", "",
              "| model | optimizer | first loss | final loss | highest loss | diverged |",
              "|---|---|---:|---:|---:|---:|"]
     for name, by_opt in results.items():

@@ -42,6 +42,7 @@ from torch.nn import functional as F  # noqa: E402
 
 import tasks  # noqa: E402
 from metaopt import MetaNetOptimizer  # noqa: E402
+from metaopt.optim import DEFAULT_PATH  # noqa: E402
 
 HORIZON = 300  # the shipped default's meta-training horizon
 
@@ -245,9 +246,11 @@ TASKS = {"logistic regression, digits (full batch)": logistic_regression,
          "BatchNorm ResNet, digits": batchnorm_resnet,
          "sigmoid MLP 256, digits": sigmoid_mlp,
          "Huber regression, 5% outliers (full batch)": huber_regression}
-OPTIMIZERS = {"learned": lambda m: MetaNetOptimizer(m.parameters()),
-              "Adam 1e-3": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
-              "Adam 1e-2": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)}
+def optimizers(learned: str = str(DEFAULT_PATH)) -> dict[str, Callable]:
+    """The learned rule (from the file ``learned``) and the two Adam baselines, by report name."""
+    return {"learned": lambda m: MetaNetOptimizer(m.parameters(), learned=learned),
+            "Adam 1e-3": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
+            "Adam 1e-2": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)}
 
 
 def train(task: Callable, make_optimizer: Callable, steps: int, seed: int) -> np.ndarray:
@@ -283,11 +286,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (small models: 1 is fastest)")
     ap.add_argument("--out", default="out/unseen_tasks")
+    ap.add_argument("--learned", default=str(DEFAULT_PATH), help="learned optimizer file (default: shipped)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    candidates = optimizers(args.learned)
     results = {name: {k: summarize([train(task, make, args.steps, s) for s in range(args.seeds)])
-                      for k, make in OPTIMIZERS.items()} for name, task in TASKS.items()}
-    lines = [f"## The shipped default on unseen tasks ({args.steps} steps, {args.seeds} seeds)", "",
+                      for k, make in candidates.items()} for name, task in TASKS.items()}
+    lines = [f"## The learned optimizer on unseen tasks ({args.steps} steps, {args.seeds} seeds)", "",
+             f"Learned: `{args.learned}`.", "",
              f"| task | optimizer | loss at step {HORIZON} | loss at the end | end / lowest | diverged |",
              "|---|---|---:|---:|---:|---:|"]
     for name, by_opt in results.items():
@@ -295,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"| {name if i == 0 else ''} | {k} | {r['horizon']:.3g} | {r['end']:.3g} | "
                          f"{r['end_over_lowest']:.1f} | {r['diverged']}/{args.seeds} |")
     for when in ("horizon", "end"):
-        beats = {k: sum(results[n]["learned"][when] < results[n][k][when] for n in TASKS) for k in list(OPTIMIZERS)[1:]}
+        beats = {k: sum(results[n]["learned"][when] < results[n][k][when] for n in TASKS) for k in list(candidates)[1:]}
         lines.append(f"\nLearned optimizer, loss at {'step ' + str(HORIZON) if when == 'horizon' else 'the end'}: "
                      + ", ".join(f"lower than {k} on {v}/{len(TASKS)}" for k, v in beats.items()) + ".")
     diverged = [n for n in TASKS if results[n]["learned"]["diverged"]]
