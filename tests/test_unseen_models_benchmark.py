@@ -40,7 +40,9 @@ def test_shipped_default_trains_models_it_was_not_shown(name):
         opt.register_step_post_hook(measure)
         return opt
 
-    losses = um.train(name, make_optimizer, steps=40, seed=0)
+    # 60 steps: with its distance-weighted momentum (2026-12-06) the default takes ~40 steps to halve the
+    # weight-norm MLP's and the dilated CNN's loss (the plain-momentum rule: under 40)
+    losses = um.train(name, make_optimizer, steps=60, seed=0)
     assert max(moved) < 1.0, f"a step moved a parameter by {max(moved):.3g}"
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0], losses

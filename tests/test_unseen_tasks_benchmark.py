@@ -12,7 +12,9 @@ _spec.loader.exec_module(ut)
 
 def test_every_task_trains_with_the_shipped_default():
     for name, task in ut.TASKS.items():
-        losses = ut.train(task, ut.optimizers()["learned"], 60, seed=0)
+        # 100 steps: the 8-layer ReLU MLP stands at chance for its first ~60 (Prodigy's estimate grows
+        # from 1e-6, more slowly with the default's distance-weighted momentum)
+        losses = ut.train(task, ut.optimizers()["learned"], 100, seed=0)
         assert all(math.isfinite(x) for x in losses), name
         assert losses[-5:].mean() < 0.9 * losses[0], (name, losses[0], losses[-5:])
 
