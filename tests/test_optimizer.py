@@ -501,12 +501,20 @@ def test_late_phase_lr_decay_is_a_schedule_on_the_group_lr():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_prodigy_step_size_is_adam_at_lr_times_the_distance_estimate():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_prodigy_step_size_is_adam_at_lr_times_the_distance_estimate(weighted):
     # untrained, with step_size "prodigy" the rule is AdamW at lr * d_t (times the late phase's
-    # decay), d_t from Prodigy's recurrence, here recomputed in float64 beside torch's AdamW
+    # decay), d_t from Prodigy's recurrence, here recomputed in float64 beside torch's AdamW (which
+    # stays float32 like the optimizer: d reads differences of float32 weights and amplifies their
+    # rounding). With distance_weighted_momentum the first moment averages d_j * g_j instead
+    # (Prodigy's momentum): AdamW's exp_avg, which then holds that average over d_k, is rescaled
+    # by d_{k-1} / d_k before each step
     nets, x, y = twin_nets()
-    ours = MetaNetOptimizer(nets[0].parameters(), lr=0.5, weight_decay=0.1,
-                            learned=LearnedOptimizer(LearnedOptimizerConfig(step_size="prodigy", lr_decay_from=3)))
+    config = LearnedOptimizerConfig(step_size="prodigy", lr_decay_from=3, distance_weighted_momentum=weighted)
+    ours = MetaNetOptimizer(nets[0].parameters(), lr=0.5, weight_decay=0.1, learned=LearnedOptimizer(config))
+    plain = copy.deepcopy(nets[0])
+    plain_opt = MetaNetOptimizer(plain.parameters(), lr=0.5, weight_decay=0.1,
+                                 learned=LearnedOptimizer(dataclasses.replace(config, distance_weighted_momentum=False)))
     adam = torch.optim.AdamW(nets[1].parameters(), lr=0.0, weight_decay=0.1)
     initial = [p.detach().double().clone() for p in nets[1].parameters()]
     sums = [torch.zeros_like(p) for p in initial]
@@ -520,55 +528,23 @@ def test_prodigy_step_size_is_adam_at_lr_times_the_distance_estimate():
         numerator = beta3 * numerator + weight * sum(float((g * (p0 - p.detach().double())).sum())
                                                      for g, p0, p in zip(grads, initial, nets[1].parameters()))
         sums = [beta3 * s + weight * g for s, g in zip(sums, grads)]
-        d = max(d, numerator / float(sum(s.abs().sum() for s in sums)))
+        previous, d = d, max(d, numerator / float(sum(s.abs().sum() for s in sums)))
+        if weighted:
+            for st in adam.state.values():
+                st["exp_avg"].mul_(previous / d)
         adam.param_groups[0]["lr"] = 0.5 * factor * d
         adam.step()
         train(nets[0], ours, 1, x, y)
+        train(plain, plain_opt, 1, x, y)
         distances.append(ours.distance())
     assert distances == sorted(distances) and distances[-1] > 10 * distances[0]  # it only grows
     assert ours.distance() == pytest.approx(d, rel=1e-4)
     for a, b in zip(*(n.parameters() for n in nets)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    # the weighted momentum is not Adam's plain one: the two rules part while the estimate grows
+    parted = max((a - b).abs().max().item() for a, b in zip(nets[0].parameters(), plain.parameters()))
+    assert parted > 1e-4 if weighted else parted == 0.0
     assert MetaNetOptimizer(nets[0].parameters(), learned=LearnedOptimizer()).distance() is None  # fixed lr
-
-
-def test_distance_weighted_momentum_is_prodigys_first_moment():
-    # untrained, with distance_weighted_momentum the first moment averages d_j * g_j (d_j: the
-    # estimate step j uses) and the step is lr * m_hat / (sqrt(v_hat) + eps): Prodigy's momentum.
-    # Reference: torch's AdamW at lr * d_k whose exp_avg, which then holds that average over d_k,
-    # is rescaled by d_{k-1} / d_k before each step (d recomputed in float64, as above). In float32
-    # like the optimizer: d reads differences of float32 weights, whose rounding it amplifies
-    nets, x, y = twin_nets()
-    config = LearnedOptimizerConfig(step_size="prodigy", lr_decay_from=3, distance_weighted_momentum=True)
-    ours = MetaNetOptimizer(nets[0].parameters(), lr=0.5, weight_decay=0.1, learned=LearnedOptimizer(config))
-    plain = copy.deepcopy(nets[0])
-    plain_opt = MetaNetOptimizer(plain.parameters(), lr=0.5, weight_decay=0.1,
-                                 learned=LearnedOptimizer(dataclasses.replace(config, distance_weighted_momentum=False)))
-    adam = torch.optim.AdamW(nets[1].parameters(), lr=0.0, weight_decay=0.1)
-    initial = [p.detach().double().clone() for p in nets[1].parameters()]
-    sums = [torch.zeros_like(p) for p in initial]
-    d, numerator, beta3 = 1e-6, 0.0, 0.999 ** 0.5
-    for t in range(1, 40):
-        adam.zero_grad()
-        loss_fn(nets[1], x, y).backward()
-        factor = 1.0 if t <= 3 else (3 / t) ** 0.5
-        weight = d * d * factor / 1e-6
-        grads = [p.grad.double() for p in nets[1].parameters()]
-        numerator = beta3 * numerator + weight * sum(float((g * (p0 - p.detach().double())).sum())
-                                                     for g, p0, p in zip(grads, initial, nets[1].parameters()))
-        sums = [beta3 * s + weight * g for s, g in zip(sums, grads)]
-        previous, d = d, max(d, numerator / float(sum(s.abs().sum() for s in sums)))
-        for st in adam.state.values():
-            st["exp_avg"].mul_(previous / d)
-        adam.param_groups[0]["lr"] = 0.5 * factor * d
-        adam.step()
-        train(nets[0], ours, 1, x, y)
-        train(plain, plain_opt, 1, x, y)
-    assert ours.distance() == pytest.approx(d, rel=1e-4)
-    for a, b in zip(*(n.parameters() for n in nets)):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
-    # and it is not Adam's plain momentum: the two rules part while the estimate grows
-    assert max((a - b).abs().max().item() for a, b in zip(nets[0].parameters(), plain.parameters())) > 1e-4
 
 
 def test_distance_is_updated_every_step_then_at_refreshes_for_the_steps_between():
