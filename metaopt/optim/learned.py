@@ -17,7 +17,9 @@ permutations of any neuron set, and it costs a few elementwise passes over the p
 With ``refresh_every`` > 1, r, c, a, d come from the last refresh; rms(g) (from v_hat) and rms(W)
 are always this step's. Beyond the steps meta-training showed it, the config's late phase fades
 the additive terms and decays the step size (``mix_decay_from``, ``lr_decay_from``; see
-LearnedOptimizerConfig).
+LearnedOptimizerConfig). With ``step_size="prodigy"`` the step size is lr times Prodigy's distance
+estimate (``prodigy_distance``), and with ``distance_weighted_momentum`` the first moment weighs
+each gradient by the estimate of its step, as Prodigy's does.
 """
 
 from __future__ import annotations
