@@ -651,7 +651,7 @@ def test_cuda_matches_cpu(config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [{}, LATE])
+@pytest.mark.parametrize("config", [{}, LATE, SHIPPED_LIKE])
 def test_compiled_step_matches_eager(config):
     # compile=True fuses the moment update and the metanetwork; same trajectory, fewer kernels
     torch.manual_seed(0)
@@ -659,13 +659,15 @@ def test_compiled_step_matches_eager(config):
     nets[1].load_state_dict(nets[0].state_dict())
     x, y = data()
     learned = random_learned(**config)
-    eager = MetaNetOptimizer(nets[0].parameters(), lr=1e-2, learned=copy.deepcopy(learned))
-    compiled = MetaNetOptimizer(nets[1].parameters(), lr=1e-2, learned=copy.deepcopy(learned), compile=True)
-    train(nets[0], eager, 4, x, y)
-    train(nets[1], compiled, 4, x, y)
+    lr = None if config.get("step_size") == "prodigy" else 1e-2  # the file's multiplier, 1.0
+    eager = MetaNetOptimizer(nets[0].parameters(), lr=lr, learned=copy.deepcopy(learned))
+    compiled = MetaNetOptimizer(nets[1].parameters(), lr=lr, learned=copy.deepcopy(learned), compile=True)
+    steps = 12 if lr is None else 4  # past the distance warm-up and a late refresh
+    train(nets[0], eager, steps, x, y)
+    train(nets[1], compiled, steps, x, y)
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    assert compiled.state_dict()["state"][0]["step"] == 4
+    assert compiled.state_dict()["state"][0]["step"] == steps
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
