@@ -1,6 +1,6 @@
-"""The shipped default on kinds of models meta-training never showed it, against Adam.
+"""The shipped default (or ``--learned FILE``) on kinds of models meta-training never showed it, against Adam.
 
-    python benchmarks/unseen_models.py [--steps 200] [--seeds 2] [--out DIR]
+    python benchmarks/unseen_models.py [--steps 200] [--seeds 2] [--out DIR] [--learned FILE]
 
 Meta-training saw MLPs, small CNNs and SIRENs. Users hand the optimizer anything: attention,
 recurrent layers, norm layers whose biases start at exactly zero, tied or scalar parameters,

@@ -1,6 +1,6 @@
 """The shipped default on training tasks meta-training never showed it, to 10x its horizon, against Adam.
 
-    python benchmarks/unseen_tasks.py [--steps 3000] [--seeds 2] [--out DIR]
+    python benchmarks/unseen_tasks.py [--steps 3000] [--seeds 2] [--out DIR] [--learned FILE]
 
 ``unseen_models.py`` asks whether the rule copes with kinds of layers (a fixed random batch,
 200 steps). This asks whether it trains real objectives it was not meta-trained on, for as long
@@ -246,6 +246,8 @@ TASKS = {"logistic regression, digits (full batch)": logistic_regression,
          "BatchNorm ResNet, digits": batchnorm_resnet,
          "sigmoid MLP 256, digits": sigmoid_mlp,
          "Huber regression, 5% outliers (full batch)": huber_regression}
+
+
 def optimizers(learned: str = str(DEFAULT_PATH)) -> dict[str, Callable]:
     """The learned rule (from the file ``learned``) and the two Adam baselines, by report name."""
     return {"learned": lambda m: MetaNetOptimizer(m.parameters(), learned=learned),
