@@ -55,26 +55,9 @@ class PerStepAdvantages(tasks.RLTask):
     episodes at that step (finished episodes count with return 0), instead of ``tasks.rl``'s one
     scale for the whole batch. Its gradients keep one direction for longer."""
 
-    def losses(self, forward, batch):
-        state = batch.states
-        alive = torch.ones(state.shape[:-1], device=state.device)
-        logps, rewards, masks = [], [], []
-        for t in range(batch.noise.shape[1]):
-            action, logp = tasks.rl.policy_action(self.env, forward(self.env.observe(state)), batch.noise[:, t],
-                                                  self.action_std)
-            next_state, reward, terminated = self.env.step(state, action)
-            state = torch.where(alive.unsqueeze(-1) > 0, next_state, state)
-            logps.append(logp)
-            rewards.append(reward.float() * alive)
-            masks.append(alive)
-            alive = alive * (~terminated).float()
-        returns, running = [], torch.zeros_like(alive)
-        for r in reversed(rewards):
-            running = r + self.gamma * running
-            returns.append(running)
-        returns = torch.stack(returns[::-1])  # [T, P, E]
+    def advantages(self, returns, mask):
         advantage = (returns - returns.mean(-1, keepdim=True)) / (returns.std(-1, keepdim=True) + 1e-8)
-        return -(torch.stack(logps) * (advantage * torch.stack(masks)).detach()).sum(0).mean(-1)
+        return advantage * mask
 
 
 FORMULATIONS = {"tasks.rl (one advantage scale per batch)": tasks.RLTask,

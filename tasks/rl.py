@@ -264,6 +264,12 @@ class RLTask(Task):
         return Rollouts(states, noise)
 
     def losses(self, forward: Forward, batch: Rollouts) -> Tensor:
+        logps, returns, mask = self.rollout(forward, batch)
+        return -(logps * self.advantages(returns, mask).detach()).sum(0).mean(-1)
+
+    def rollout(self, forward: Forward, batch: Rollouts) -> tuple[Tensor, Tensor, Tensor]:
+        """Log-probabilities of the actions taken, discounted returns-to-go and the mask of running
+        episodes, each ``[T, P, E]``."""
         state = batch.states
         if state.dim() != 3 or state.shape[-1] != self.env.state_dim:
             raise ValueError(f"rollout states must be [P, E, {self.env.state_dim}], got {tuple(state.shape)}")
@@ -278,17 +284,19 @@ class RLTask(Task):
             rewards.append(reward.float() * alive)
             masks.append(alive)
             alive = alive * (~terminated).float()
-        mask = torch.stack(masks)  # [T, P, E]
         returns, running = [], torch.zeros_like(alive)
         for r in reversed(rewards):
             running = r + self.gamma * running
             returns.append(running)
-        returns = torch.stack(returns[::-1])
+        return torch.stack(logps), torch.stack(returns[::-1]), torch.stack(masks)
+
+    def advantages(self, returns: Tensor, mask: Tensor) -> Tensor:
+        """Returns-to-go minus the mean over the episodes still running at each step, scaled to unit
+        variance over the whole batch (per population member); zero where episodes have ended."""
         count = mask.sum(2, keepdim=True).clamp(min=1)
         advantage = (returns - (returns * mask).sum(2, keepdim=True) / count) * mask
         scale = (advantage.square().sum((0, 2)) / mask.sum((0, 2))).sqrt().clamp(min=1e-6)
-        advantage = (advantage / scale[:, None]).detach()
-        return -(torch.stack(logps) * advantage).sum(0).mean(-1)
+        return advantage / scale[:, None]
 
     def metrics(self, data: RLData, forward: Forward) -> dict[str, Tensor]:
         returns = episode_returns(forward, self.env, data.eval_states, self.eval_steps).mean(-1).float()
