@@ -12,10 +12,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .layers import ChannelDropout, DWSLinear, Elementwise, InvariantPool, NPLinear, WeightSpaceNorm
+from .layers import (ChannelDropout, DWSLinear, Elementwise, GraphEncoder, GraphPool, InvariantPool, MessagePassing,
+                     NPLinear, SignMessagePassing, WeightSpaceNorm)
 from .weight_space import WeightSpace, WeightSpaceSpec
 
-__all__ = ["NFN", "DWSNet", "InvariantNFN", "InvariantDWSNet", "FlatMLP", "DeepSets", "StatNN", "ProbeNet"]
+__all__ = ["NFN", "DWSNet", "InvariantNFN", "InvariantDWSNet", "InvariantGMN", "FlatMLP", "DeepSets", "StatNN", "ProbeNet"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -122,6 +123,30 @@ class InvariantDWSNet(_InvariantNet):
                        dropout, norm)
         super().__init__(trunk, InvariantPool(spec, keep_io=True, pooling=pooling), out_features, head_hidden,
                          head_layers, activation, dropout)
+
+
+class InvariantGMN(nn.Module):
+    """Graph metanetwork: the weights as a graph of neurons, rounds of :class:`MessagePassing`,
+    mean/max read-out, MLP head: [B, out_features]. Neurons interact nonlinearly along every
+    weight, which the NP/DWS trunks' pooled linear maps cannot do. ``sign_symmetric=True`` (for
+    odd activations: SIRENs, tanh) makes it invariant to hidden sign flips as well
+    (:class:`SignMessagePassing`)."""
+
+    def __init__(self, spec: WeightSpaceSpec, in_channels: int = 1, out_features: int = 1, hidden_channels: int = 32,
+                 num_layers: int = 3, head_hidden: int = 256, head_layers: int = 2, activation: str = "relu",
+                 dropout: float = 0.0, sign_symmetric: bool = False):
+        super().__init__()
+        self.encoder = GraphEncoder(spec, in_channels, hidden_channels, sign_symmetric)
+        layer = SignMessagePassing if sign_symmetric else MessagePassing
+        self.rounds = nn.ModuleList(layer(hidden_channels) for _ in range(num_layers))
+        self.pool = GraphPool(spec, hidden_channels, sign_symmetric=sign_symmetric)
+        self.head = _mlp(self.pool.out_features, head_hidden, out_features, head_layers, activation, dropout)
+
+    def forward(self, ws: WeightSpace) -> Tensor:
+        g = self.encoder(ws)
+        for mp in self.rounds:
+            g = mp(g)
+        return self.head(self.pool(g))
 
 
 # --------------------------------------------------------------------------- baselines

@@ -9,9 +9,9 @@ from torch import nn
 
 from _archs import ARCHS, batch, max_diff, permute_inputs, uncoupled
 from metaopt import random_hidden_perms
-from metaopt.layers import (ChannelDropout, DWSLinear, Elementwise, FourierFeatures, InvariantPool, NPLinear,
-                            WeightSpaceNorm)
-from metaopt.models import NFN, DWSNet, DeepSets, InvariantDWSNet, InvariantNFN, StatNN
+from metaopt.layers import (ChannelDropout, DWSLinear, Elementwise, FourierFeatures, GraphEncoder, InvariantPool,
+                            MessagePassing, NPLinear, WeightSpaceNorm)
+from metaopt.models import NFN, DWSNet, DeepSets, InvariantDWSNet, InvariantGMN, InvariantNFN, StatNN
 
 EQUIVARIANT = {
     "np": lambda s, c: NPLinear(s, c, 4),
@@ -33,6 +33,8 @@ INVARIANT = {
     "pool_dws": lambda s, c: InvariantPool(s, keep_io=True),
     "pool_np_meanmax": lambda s, c: InvariantPool(s, pooling="meanmax"),
     "pool_dws_meanmax": lambda s, c: InvariantPool(s, keep_io=True, pooling="meanmax"),
+    "inv_gmn": lambda s, c: InvariantGMN(s, c, 3, hidden_channels=6),
+    "inv_gmn_sign": lambda s, c: InvariantGMN(s, c, 3, hidden_channels=6, sign_symmetric=True),
     "inv_dwsnet_meanmax": lambda s, c: InvariantDWSNet(s, c, 3, hidden_channels=6, pooling="meanmax"),
     "fourier_inv_dwsnet": lambda s, c: nn.Sequential(FourierFeatures(c, 2, scale=1.0),
                                                      InvariantDWSNet(s, c + 4, 3, hidden_channels=6)),
@@ -83,7 +85,8 @@ def test_equivariant_layers_see_uncoupled_permutations(arch, kind):
 
 
 # (StatNN and DeepSets read per-tensor statistics: blind to coupling by design, the weaker baselines.)
-@pytest.mark.parametrize("kind", ["inv_nfn", "inv_dwsnet", "inv_dwsnet_meanmax", "fourier_inv_dwsnet"])
+@pytest.mark.parametrize("kind", ["inv_nfn", "inv_dwsnet", "inv_dwsnet_meanmax", "fourier_inv_dwsnet", "inv_gmn",
+                                  "inv_gmn_sign"])
 @pytest.mark.parametrize("arch", ["mlp3", "cnn2d_gap"])
 def test_invariant_models_see_uncoupled_permutations(kind, arch):
     ws = batch(arch, n=2)
@@ -91,6 +94,37 @@ def test_invariant_models_see_uncoupled_permutations(kind, arch):
     model = INVARIANT[kind](ws.spec, 1)
     out = model(ws)
     assert max_diff(model(uncoupled(ws, 0)), out) > 1e-3 * out.abs().max().item()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_message_passing_moves_with_the_neurons(arch):
+    """Each round's neuron and edge features permute exactly as the neurons they live on."""
+    ws = batch(arch, n=3, channels=2)
+    torch.manual_seed(0)
+    encoder, rounds = GraphEncoder(ws.spec, 2, 5), [MessagePassing(5) for _ in range(2)]
+
+    def run(x):
+        g = encoder(x)
+        for mp in rounds:
+            g = mp(g)
+        return g
+
+    perms = random_hidden_perms(ws.spec, torch.Generator().manual_seed(1), batch_size=3)
+    g, gp = run(ws), run(ws.permute_hidden(perms))
+    full = [None] + list(perms) + [None]  # input and output neurons stay put
+    take = lambda x, p, dim: x if p is None else torch.stack([x[b].index_select(dim - 1, p[b]) for b in range(3)])
+    for s, (a, b) in enumerate(zip(g.nodes, gp.nodes)):
+        assert max_diff(take(a, full[s], 1), b) < TOL, f"neuron set {s}"
+    for l, (a, b) in enumerate(zip(g.edges, gp.edges)):
+        assert max_diff(take(take(a, full[l + 1], 1), full[l], 2), b) < TOL, f"weight layer {l}"
+
+
+def test_message_passing_tells_input_neurons_apart():
+    ws = batch("mlp4", n=2)
+    torch.manual_seed(0)
+    model = InvariantGMN(ws.spec, 1, 3, hidden_channels=6)
+    out = model(ws)
+    assert max_diff(model(permute_inputs(ws, torch.Generator().manual_seed(0))), out) > 1e-3 * out.abs().max().item()
 
 
 @pytest.mark.parametrize("keep_io", [False, True])

@@ -143,7 +143,8 @@ def run_embed(data: str | Path | WeightDataset, out: str | Path, models: Sequenc
     rows, embeddings = [], {}
     for name in models:
         torch.manual_seed(train_cfg.seed)
-        model = _WithProjection(build_model(name, splits.spec, dim, model_cfg), dim, model_cfg.head_hidden).to(device)
+        model = _WithProjection(build_model(name, splits.spec, dim, model_cfg, normalizer=splits.normalizer), dim,
+                                 model_cfg.head_hidden).to(device)
         g_val = torch.Generator()
 
         def loss_fn(m, batch, idx, g=torch.Generator().manual_seed(train_cfg.seed + 1)):

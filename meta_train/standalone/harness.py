@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from metaopt.layers import FourierFeatures
-from metaopt.models import DeepSets, FlatMLP, InvariantDWSNet, InvariantNFN, ProbeNet, StatNN
+from metaopt.models import DeepSets, FlatMLP, InvariantDWSNet, InvariantGMN, InvariantNFN, ProbeNet, StatNN
 from metaopt.optim.checkpoint import atomic_write
 from metaopt.weight_space import WeightSpace, WeightSpaceSpec, spec_from_module
 from tasks.base import Network
@@ -70,6 +70,12 @@ class Normalizer:
         b = [(t - self.means[2 * i + 1]) / self.stds[2 * i + 1] for i, t in enumerate(ws.biases)]
         return WeightSpace(w, b, ws.spec)
 
+    def uncentred(self, ws: WeightSpace) -> WeightSpace:
+        """Raw weights over the stds, not centred: a sign flip of a neuron stays an exact sign flip."""
+        w = [t + self.means[2 * i] / self.stds[2 * i] for i, t in enumerate(ws.weights)]
+        b = [t + self.means[2 * i + 1] / self.stds[2 * i + 1] for i, t in enumerate(ws.biases)]
+        return WeightSpace(w, b, ws.spec)
+
     def inverse(self, ws: WeightSpace) -> WeightSpace:
         """Back to raw weights, e.g. to apply an augmentation that is exact only in raw units."""
         w = [t * self.stds[2 * i] + self.means[2 * i] for i, t in enumerate(ws.weights)]
@@ -90,6 +96,14 @@ class RawWeights(nn.Module):
 
     def forward(self, ws: WeightSpace) -> WeightSpace:
         return self.normalizer.inverse(ws)
+
+
+class UncentredWeights(RawWeights):
+    """Puts the means a :class:`Normalizer` subtracted back (keeping its scales), in front of a
+    model that is exactly invariant to sign flips, which centring would break."""
+
+    def forward(self, ws: WeightSpace) -> WeightSpace:
+        return self.normalizer.uncentred(ws)
 
 
 @dataclass
@@ -202,11 +216,13 @@ def take(ws: WeightSpace, index: Tensor) -> WeightSpace:
 
 
 # --------------------------------------------------------------------------- models
-MODELS = ("ours", "ours_np", "nfn", "flat", "statnn", "deepsets", "probe")
+MODELS = ("ours", "ours_np", "gmn", "gmn_sign", "nfn", "flat", "statnn", "deepsets", "probe")
 DEFAULT_MODELS = ("ours", "nfn", "flat", "statnn")
 MODEL_HELP = {
     "ours": "metaopt InvariantDWSNet (DWS/HNP layers, hidden-neuron pooling, MLP head)",
     "ours_np": "metaopt InvariantNFN (NP layers, mean pooling, MLP head)",
+    "gmn": "metaopt InvariantGMN (message passing on the graph of neurons and weights, mean/max read-out, MLP head)",
+    "gmn_sign": "metaopt InvariantGMN(sign_symmetric=True): also exactly invariant to hidden sign flips (SIREN data)",
     "nfn": "nfn 0.1.2's NPLinear stack + HNPPool + MLP head (the `nfn` package's own layers)",
     "flat": "MLP on the flattened weight vector",
     "statnn": "per-tensor statistics + MLP (Unterthiner et al. 2020)",
@@ -308,12 +324,22 @@ def nfn_network_spec(spec: WeightSpaceSpec):
 
 
 def build_model(name: str, spec: WeightSpaceSpec, out_features: int, cfg: ModelConfig = ModelConfig(),
-                probe: Probing | None = None) -> nn.Module:
+                probe: Probing | None = None, normalizer: Normalizer | None = None) -> nn.Module:
     """A model mapping one-channel weight spaces of ``spec`` to ``[B, out_features]``.
 
     With ``cfg.fourier_features``, every model, peers included, reads the same kind of encoded
     input (a :class:`~metaopt.layers.FourierFeatures` in front), so a table compares models, not
-    inputs. The probe model runs the networks, so it needs ``probe`` (:func:`probing`)."""
+    inputs. The probe model runs the networks, so it needs ``probe`` (:func:`probing`); the
+    sign-invariant GMN needs the splits' ``normalizer``, to undo its centring."""
+    if name == "gmn_sign":
+        if normalizer is None:
+            raise StandaloneError("model 'gmn_sign' needs the splits' normalizer (its centring breaks sign flips)")
+        if cfg.fourier_features:
+            raise StandaloneError("model 'gmn_sign' is invariant to sign flips, which Fourier features of the "
+                                  "weights are not; drop --fourier-features or the model")
+        model = InvariantGMN(spec, 1, out_features, hidden_channels=cfg.hidden_channels, num_layers=cfg.num_layers,
+                             head_hidden=cfg.head_hidden, dropout=cfg.dropout, sign_symmetric=True)
+        return nn.Sequential(UncentredWeights(normalizer), model)
     if name == "probe":
         if probe is None:
             raise StandaloneError("model 'probe' runs the networks, so it needs their architecture, which this "
@@ -340,6 +366,9 @@ def _build_trunk_and_head(name: str, spec: WeightSpaceSpec, out_features: int, c
     if name == "ours_np":
         return InvariantNFN(spec, c, out_features, hidden_channels=h, num_layers=L, head_hidden=cfg.head_hidden,
                             dropout=cfg.dropout, pooling=cfg.pooling)
+    if name == "gmn":
+        return InvariantGMN(spec, c, out_features, hidden_channels=h, num_layers=L, head_hidden=cfg.head_hidden,
+                            dropout=cfg.dropout)
     if name == "nfn":
         return NFNInvariant(spec, out_features, h, L, cfg.head_hidden, cfg.dropout, in_channels=c)
     if name == "flat":
@@ -379,7 +408,7 @@ ScoreFn = Callable[[nn.Module], float]  # model -> validation score, higher is b
 
 def require_siren(info: dict, what: str) -> None:
     if recorded(info, "w0") is None:
-        raise StandaloneError(f"{what} rely on an exact symmetry of SIRENs only (odd sine activations), and this "
+        raise StandaloneError(f"{what}: an exact symmetry of SIRENs only (odd sine activations), and this "
                               f"dataset records no w0: it is not a SIREN dataset")
 
 
@@ -588,10 +617,12 @@ def run_supervised(objective: Objective, data: str | Path | WeightDataset, out: 
     targets = {s: objective.targets(splits, s).to(device) for s in ("train", "val", "test")}
     sign = 1.0 if objective.higher_is_better else -1.0
     probe = probing(splits) if "probe" in models else None
+    if "gmn_sign" in models:
+        require_siren(splits.info, "model 'gmn_sign' is invariant to hidden sign flips")
     rows = []
     for name in models:
         torch.manual_seed(train_cfg.seed)
-        model = build_model(name, splits.spec, out_features, model_cfg, probe).to(device)
+        model = build_model(name, splits.spec, out_features, model_cfg, probe, splits.normalizer).to(device)
 
         def loss_fn(m, batch, idx):
             return objective.loss(m(batch), targets["train"][idx.to(device)])

@@ -49,7 +49,7 @@ def _uncoupled(ws, g):
     return WeightSpace(weights, biases, ws.spec)
 
 
-INVARIANT = [m for m in MODELS if m not in ("flat", "probe")]  # probe: tests/test_probe.py
+INVARIANT = [m for m in MODELS if m not in ("flat", "probe", "gmn_sign")]  # probe: tests/test_probe.py; gmn_sign below
 
 
 @pytest.mark.parametrize("fourier", [0, 2])
@@ -70,7 +70,7 @@ def test_heads_are_invariant_to_hidden_permutations(arch, name, fourier):
 
 
 @pytest.mark.parametrize("arch", ["siren_2_5_7_1", "cnn_flatten"])
-@pytest.mark.parametrize("name", ["ours", "ours_np", "nfn"])
+@pytest.mark.parametrize("name", ["ours", "ours_np", "gmn", "nfn"])
 def test_equivariant_heads_see_uncoupled_permutations(arch, name):
     """The invariance test above could pass for a model that ignores structure; this one cannot."""
     ws = _batch(arch)
@@ -313,6 +313,67 @@ def test_sign_flip_training_augmentation_is_exact_in_raw_units():
     naive = augment.sign_flip(naive, torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (_render(splits.normalizer.inverse(naive), nets[0], coords) - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sizes", [(2, 8, 6, 1), (1, 16, 1), (2, 5, 7, 4, 3)])
+def test_the_sign_symmetric_gmn_is_invariant_to_sign_flips_of_the_raw_networks(sizes):
+    """Through the harness' normalized splits (means far from 0): flips of the raw networks, then
+    normalized, leave the output unchanged; permutations too. The plain GMN does see the flips."""
+    from meta_train.standalone.harness import build_model
+
+    nets = _sirens(n=6, sizes=sizes)
+    splits = _siren_splits(nets)
+    raw = splits.normalizer.inverse(splits.train)
+    g = torch.Generator().manual_seed(0)
+    cfg = ModelConfig(hidden_channels=6, num_layers=2, head_hidden=16)
+    torch.manual_seed(1)
+    model = build_model("gmn_sign", splits.spec, 3, cfg, normalizer=splits.normalizer).eval()
+    plain = build_model("gmn", splits.spec, 3, cfg).eval()
+    with torch.no_grad():
+        out, plain_out = model(splits.train), plain(splits.train)
+        for _ in range(3):
+            flipped = splits.normalizer(augment.sign_flip(raw, g))
+            assert (model(flipped) - out).abs().max().item() < 1e-5 * max(1.0, out.abs().max().item())
+            assert (model(splits.normalizer(augment.permute(raw, g))) - out).abs().max().item() < 1e-5
+        assert (plain(flipped) - plain_out).abs().max().item() > 1e-3 * plain_out.abs().max().item()
+        assert (model(_uncoupled(splits.train, None)) - out).abs().max().item() > 1e-4 * out.abs().max().item()
+
+
+def test_sign_message_passing_flips_with_the_neurons():
+    """Hidden neuron features change sign with their neuron, edge features with the product of
+    their two neurons' signs; input and output neurons never flip."""
+    from metaopt.layers import GraphEncoder, SignMessagePassing
+
+    ws = WeightSpace.from_modules(_sirens(n=3, sizes=(2, 5, 7, 3)))
+    torch.manual_seed(0)
+    encoder, rounds = GraphEncoder(ws.spec, 1, 4, sign_symmetric=True), [SignMessagePassing(4) for _ in range(2)]
+
+    def run(x):
+        graph = encoder(x)
+        for mp in rounds:
+            graph = mp(graph)
+        return graph
+
+    signs = [torch.where(torch.rand(3, n) < 0.5, -1.0, 1.0) for n in ws.spec.hidden_sizes]
+    flipped = augment._apply(ws, signs, [torch.zeros_like(s) for s in signs], 1.0)
+    full = [torch.ones(3, ws.spec.neuron_sizes[0])] + signs + [torch.ones(3, ws.spec.neuron_sizes[-1])]
+    a, b = run(ws), run(flipped)
+    for k, (x, y) in enumerate(zip(a.nodes, b.nodes)):
+        assert (x * full[k][..., None] - y).abs().max().item() < 1e-5, f"neuron set {k}"
+    for l, (x, y) in enumerate(zip(a.edges, b.edges)):
+        product = full[l + 1][:, :, None, None] * full[l][:, None, :, None]
+        assert (x * product - y).abs().max().item() < 1e-5, f"weight layer {l}"
+    assert max((x - y).abs().max().item() for x, y in zip(a.nodes[1:-1], b.nodes[1:-1])) > 1e-3  # not trivially even
+
+
+def test_the_sign_symmetric_gmn_refuses_what_would_break_its_invariance():
+    from meta_train.standalone.harness import StandaloneError, build_model
+
+    splits = _siren_splits(_sirens(n=4))
+    with pytest.raises(StandaloneError, match="normalizer"):
+        build_model("gmn_sign", splits.spec, 3)
+    with pytest.raises(StandaloneError, match="Fourier"):
+        build_model("gmn_sign", splits.spec, 3, ModelConfig(fourier_features=2), normalizer=splits.normalizer)
 
 
 def test_sign_flips_and_canonical_signs_need_a_siren_dataset():

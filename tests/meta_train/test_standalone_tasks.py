@@ -20,7 +20,7 @@ from tasks.weight_data import WeightDataset, shard_path
 
 from _standalone_data import FAST, classifier_zoo, digits_folder, synthetic_zoo
 
-ALL = "ours,ours_np,nfn,flat,statnn,deepsets"
+ALL = "ours,ours_np,gmn,nfn,flat,statnn,deepsets"
 
 
 @pytest.fixture(scope="module")
@@ -268,10 +268,11 @@ def _scaled_mlps(n_train, n_val, n_test, seed=0):
                          {"label": labels, "split": split_column(n_train, n_val, n_test)})
 
 
-def test_a_learnable_label_is_learned(tmp_path):
+@pytest.mark.parametrize("model", ["ours", "gmn"])
+def test_a_learnable_label_is_learned(tmp_path, model):
     ds = _scaled_mlps(160, 40, 100)
     torch.set_num_threads(1)
-    rows = run_supervised(Classification(), ds, tmp_path, ["ours"], ModelConfig(hidden_channels=8, num_layers=2,
+    rows = run_supervised(Classification(), ds, tmp_path, [model], ModelConfig(hidden_channels=8, num_layers=2,
                           head_hidden=32), TrainConfig(epochs=15, batch_size=32, lr=3e-3, progress=False))
     assert rows[0]["test_accuracy"] > 0.9  # chance is ~0.5
 
