@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--probe-generator-depth", type=int, default=ModelConfig.probe_generator_depth,
                             help="linear layers of the probe model's shared probe generator (ProbeGen); 0: free "
                                  f"probes (default {ModelConfig.probe_generator_depth})")
+            sp.add_argument("--compile", action="store_true",
+                            help="torch.compile every model (fuses the message-passing models' elementwise work; "
+                                 "the first batches wait for the compiler)")
         if name in ("classify", "regress"):
             sp.add_argument("--sign-flips", action="store_true",
                             help="also flip the signs of random hidden sine neurons in training batches (an exact "
@@ -220,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 sign_flips=getattr(args, "sign_flips", TrainConfig.sign_flips),
                                 canonical_signs=getattr(args, "canonical_signs", TrainConfig.canonical_signs),
                                 image_warps=getattr(args, "image_warps", TrainConfig.image_warps),
-                                seed=args.seed, device=args.device, progress=not args.no_progress)
+                                compile=getattr(args, "compile", TrainConfig.compile), seed=args.seed,
+                                device=args.device, progress=not args.no_progress)
         command = "python -m meta_train.standalone " + shlex.join(argv)
         models = args.models or ",".join({"edit": EDIT_DEFAULT, "adapt": EDITORS}.get(args.task, DEFAULT_MODELS))
         if args.task == "adapt":

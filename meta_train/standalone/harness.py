@@ -396,6 +396,7 @@ class TrainConfig:
     sign_flips: bool = False  # and random sign flips of hidden sine neurons (SIREN data only; supervised tasks)
     canonical_signs: bool = False  # instead, every network's sine neurons with biases >= 0 (SIREN data only)
     image_warps: bool = False  # random small rotations, zooms, shifts, mirrors of 2-D INRs' images (classify)
+    compile: bool | str = False  # torch.compile the models (supervised tasks); a string names the backend
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -623,6 +624,8 @@ def run_supervised(objective: Objective, data: str | Path | WeightDataset, out: 
     for name in models:
         torch.manual_seed(train_cfg.seed)
         model = build_model(name, splits.spec, out_features, model_cfg, probe, splits.normalizer).to(device)
+        if train_cfg.compile:  # in place: the state dict, and so the kept best epoch, keep their names
+            model.compile(**({"backend": train_cfg.compile} if isinstance(train_cfg.compile, str) else {}))
 
         def loss_fn(m, batch, idx):
             return objective.loss(m(batch), targets["train"][idx.to(device)])

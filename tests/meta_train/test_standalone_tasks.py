@@ -277,6 +277,33 @@ def test_a_learnable_label_is_learned(tmp_path, model):
     assert rows[0]["test_accuracy"] > 0.9  # chance is ~0.5
 
 
+def test_compiled_models_train_like_eager_ones(tmp_path):
+    """--compile compiles in place (through a backend that only records its graphs and runs them
+    eagerly, to keep the test fast): the graphs are used, the losses are the same, and the kept
+    best epoch loads into the model under its own parameter names."""
+    from torch._dynamo import register_backend
+
+    graphs = []
+
+    @register_backend(name="metaopt_test_recording")
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    ds = _scaled_mlps(48, 16, 16)
+    torch.set_num_threads(1)
+    cfg = ModelConfig(hidden_channels=4, num_layers=1, head_hidden=8)
+    runs = [run_supervised(Classification(), ds, tmp_path / str(c), ["gmn"], cfg,
+                           TrainConfig(epochs=2, batch_size=16, progress=False, compile=c))[0]
+            for c in (False, "metaopt_test_recording")]
+    assert graphs
+    eager, compiled = ([h["train_loss"] for h in r["history"]] for r in runs)
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    assert runs[1]["test_accuracy"] == pytest.approx(runs[0]["test_accuracy"])
+    config = json.loads((tmp_path / "metaopt_test_recording" / "results.json").read_text())["train_config"]
+    assert config["compile"] == "metaopt_test_recording"
+
+
 def test_a_learnable_ranking_is_learned(tmp_path):
     ds = synthetic_zoo(200, 40, 80, seed=1)
     torch.set_num_threads(1)
