@@ -43,17 +43,19 @@ class WeightGraph:
 class GraphEncoder(nn.Module):
     """A one-chain weight space as a :class:`WeightGraph` of ``dim`` features.
 
-    Edges read their weight (every channel and kernel position), hidden neurons their bias, and
-    every set a learned embedding of its layer; input and output neurons also get one embedding per
-    position, since they are not interchangeable.
+    Edges read their weight (every channel and kernel position) and neurons their bias, through
+    one map per layer, so layers stay apart; input and output neurons also get one embedding per
+    position, since they are not interchangeable. With ``sign_symmetric`` the maps have no additive
+    bias, which would not flip with a neuron.
     """
 
     def __init__(self, spec: WeightSpaceSpec, in_channels: int, dim: int, sign_symmetric: bool = False):
         super().__init__()
         self.spec = spec
-        odd = not sign_symmetric  # an additive bias would break the sign equivariance
-        self.edge_in = nn.ModuleList(nn.Linear(in_channels * l.kernel_size, dim, bias=odd) for l in spec.layers)
-        self.bias_in = nn.ModuleList(nn.Linear(in_channels, dim, bias=odd) for _ in spec.layers)
+        with_bias = not sign_symmetric
+        self.edge_in = nn.ModuleList(nn.Linear(in_channels * l.kernel_size, dim, bias=with_bias)
+                                     for l in spec.layers)
+        self.bias_in = nn.ModuleList(nn.Linear(in_channels, dim, bias=with_bias) for _ in spec.layers)
         sizes = spec.neuron_sizes
         self.input_embed = nn.Parameter(torch.randn(sizes[0], dim) * 0.5)
         self.output_embed = nn.Parameter(torch.randn(sizes[-1], dim) * 0.5)
@@ -78,7 +80,7 @@ class MessagePassing(nn.Module):
     """One round, both directions: every edge updates from (itself, its two neurons) by a residual
     MLP, then every neuron from the mean message of its incoming and of its outgoing edges.
 
-    The maps are shared by all layers of the network read (the encoder's layer embeddings tell them
+    The maps are shared by all layers of the network read (the encoder's per-layer maps tell them
     apart), as in graph metanetworks.
     """
 
@@ -147,8 +149,10 @@ class SignMessagePassing(nn.Module):
         self.node_gate = _SignGate(dim)
 
     def forward(self, g: WeightGraph) -> WeightGraph:
-        maps = [self.node_maps(self.node_norm(x)).chunk(4, -1) for x in g.nodes]  # dst, src, far src, far dst
         h = [self.node_norm(x) for x in g.nodes]
+        # per neuron: its map as an edge's destination, as its source, and as the far end of a
+        # forward / backward message
+        maps = [self.node_maps(x).chunk(4, -1) for x in h]
         incoming = [torch.zeros_like(h[0])] + [None] * (len(h) - 1)
         outgoing = [None] * (len(h) - 1) + [torch.zeros_like(h[-1])]
         edges = []
