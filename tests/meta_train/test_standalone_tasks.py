@@ -84,6 +84,20 @@ def test_meanmax_pooling_and_sign_flips_from_the_command_line(digits_dir, zoo_di
     assert "not a SIREN dataset" in capsys.readouterr().err
 
 
+def test_the_sign_symmetric_gmn_runs_on_sirens_and_refuses_other_networks(digits_dir, sine_dir, zoo_dir, tmp_path,
+                                                                          capsys):
+    for task, data, metric in (("classify", digits_dir, "test_accuracy"), ("regress", sine_dir, "test_mse")):
+        out = tmp_path / task
+        assert main([task, "--data", str(data), "--out", str(out), "--models", "gmn_sign,gmn", *FAST]) == 0
+        payload, md = _results(out)
+        assert [r["model"] for r in payload["rows"]] == ["gmn_sign", "gmn"] and "| gmn_sign |" in md
+        assert all(math.isfinite(r[metric]) for r in payload["rows"])
+    capsys.readouterr()
+    assert main(["generalization", "--data", str(zoo_dir), "--out", str(tmp_path / "z"), "--models", "gmn_sign",
+                 *FAST]) == 2
+    assert "not a SIREN dataset" in capsys.readouterr().err
+
+
 def test_fourier_features_from_the_command_line_reach_every_model(sine_dir, tmp_path):
     out = tmp_path / "out"
     assert main(["regress", "--data", str(sine_dir), "--out", str(out), "--models", ALL, "--fourier-features", "3",
