@@ -10,6 +10,7 @@ one weight-space dataset, same data and budget, and write ``OUT/results.md`` and
     python -m meta_train.standalone embed --data data/digits_inrs --out runs/embed     # + runs/embed/tsne.png
     python -m meta_train.standalone edit --data data/digits_inrs --out runs/edit       # + runs/edit/edits.png
     python -m meta_train.standalone make-small-data cnn-zoo --out data/cnn_zoo
+    python -m meta_train.standalone curves runs/classify runs/classify_gmn --out curves.png   # runs side by side
     python -m meta_train.standalone adapt --data data/cnn_zoo --out runs/adapt --shift rot90   # + adapt.png
     tensorboard --logdir runs
 
@@ -156,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--images-dir", default=FASHION_MNIST_DIR, help="folder of the Fashion-MNIST idx files")
             sp.add_argument("--group-by", default="epoch",
                             help="metadata column: a second table of target accuracy per value ('' for none)")
+    sp = sub.add_parser("curves", help="validation score and training loss per epoch of several runs, one picture")
+    sp.add_argument("runs", nargs="+", help="run folders (each with the results.json a task wrote)")
+    sp.add_argument("--out", required=True, help="picture to write (e.g. curves.png)")
+    sp.add_argument("--labels", default=None, help="comma-separated, one per run (default: the folders' names)")
     from .smalldata import KINDS
 
     sp = sub.add_parser("make-small-data", help="build a small dataset for tests and CPU runs")
@@ -209,6 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.task == "make-small-data":
             _make_small_data(args)
+            return 0
+        if args.task == "curves":
+            from .curves import plot_curves
+
+            labels = args.labels.split(",") if args.labels else None
+            print(f"wrote {plot_curves(args.runs, args.out, labels)}")
             return 0
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -318,6 +318,27 @@ def test_compiled_models_train_like_eager_ones(tmp_path):
     assert config["compile"] == "metaopt_test_recording"
 
 
+def test_curves_put_runs_made_apart_in_one_picture(digits_dir, sine_dir, tmp_path, capsys):
+    for name, models in (("a", "ours,flat"), ("b", "gmn")):
+        assert main(["classify", "--data", str(digits_dir), "--out", str(tmp_path / name), "--models", models,
+                     *FAST]) == 0
+    picture = tmp_path / "plots" / "curves.png"
+    assert main(["curves", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(picture),
+                 "--labels", "first,second"]) == 0
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["regress", "--data", str(sine_dir), "--out", str(tmp_path / "r"), "--models", "flat", *FAST]) == 0
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text('{"rows": [')
+    capsys.readouterr()
+    for runs, extra, message in (([tmp_path / "a", tmp_path / "r"], [], "different metrics"),
+                                 ([tmp_path / "a"], ["--labels", "x,y"], "2 labels for 1 runs"),
+                                 ([tmp_path / "missing"], [], "does not exist"),
+                                 ([tmp_path / "broken"], [], "not a standalone results file")):
+        assert main(["curves", *map(str, runs), "--out", str(tmp_path / "x.png"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_a_learnable_ranking_is_learned(tmp_path):
     ds = synthetic_zoo(200, 40, 80, seed=1)
     torch.set_num_threads(1)
