@@ -16,7 +16,8 @@ from .layers import (ChannelDropout, DWSLinear, Elementwise, GraphEncoder, Graph
                      NPLinear, SignMessagePassing, WeightSpaceNorm)
 from .weight_space import WeightSpace, WeightSpaceSpec
 
-__all__ = ["NFN", "DWSNet", "InvariantNFN", "InvariantDWSNet", "InvariantGMN", "FlatMLP", "DeepSets", "StatNN", "ProbeNet"]
+__all__ = ["NFN", "DWSNet", "InvariantNFN", "InvariantDWSNet", "InvariantGMN", "FlatMLP", "DeepSets", "StatNN",
+           "ProbeNet"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 

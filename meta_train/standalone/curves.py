@@ -46,7 +46,7 @@ def plot_curves(runs: Sequence[str | Path], out: str | Path, labels: Sequence[st
     import matplotlib.pyplot as plt
 
     fig, (score_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for run, label, (_, histories) in zip(runs, labels or [Path(r).name for r in runs], loaded):
+    for label, (_, histories) in zip(labels or [Path(r).name for r in runs], loaded):
         for model, history in histories.items():
             epochs = [h["epoch"] for h in history]
             line, = score_ax.plot(epochs, [h["val_score"] for h in history], label=f"{label}: {model}")

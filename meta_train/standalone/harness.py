@@ -337,9 +337,7 @@ def build_model(name: str, spec: WeightSpaceSpec, out_features: int, cfg: ModelC
         if cfg.fourier_features:
             raise StandaloneError("model 'gmn_sign' is invariant to sign flips, which Fourier features of the "
                                   "weights are not; drop --fourier-features or the model")
-        model = InvariantGMN(spec, 1, out_features, hidden_channels=cfg.hidden_channels, num_layers=cfg.num_layers,
-                             head_hidden=cfg.head_hidden, dropout=cfg.dropout, sign_symmetric=True)
-        return nn.Sequential(UncentredWeights(normalizer), model)
+        return nn.Sequential(UncentredWeights(normalizer), _build_trunk_and_head(name, spec, out_features, cfg, 1))
     if name == "probe":
         if probe is None:
             raise StandaloneError("model 'probe' runs the networks, so it needs their architecture, which this "
@@ -366,9 +364,9 @@ def _build_trunk_and_head(name: str, spec: WeightSpaceSpec, out_features: int, c
     if name == "ours_np":
         return InvariantNFN(spec, c, out_features, hidden_channels=h, num_layers=L, head_hidden=cfg.head_hidden,
                             dropout=cfg.dropout, pooling=cfg.pooling)
-    if name == "gmn":
+    if name in ("gmn", "gmn_sign"):
         return InvariantGMN(spec, c, out_features, hidden_channels=h, num_layers=L, head_hidden=cfg.head_hidden,
-                            dropout=cfg.dropout)
+                            dropout=cfg.dropout, sign_symmetric=name == "gmn_sign")
     if name == "nfn":
         return NFNInvariant(spec, out_features, h, L, cfg.head_hidden, cfg.dropout, in_channels=c)
     if name == "flat":
