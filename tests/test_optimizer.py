@@ -204,6 +204,35 @@ def test_param_groups_lr_weight_decay_and_closure():
     assert all(q.grad is None for q in net.parameters())
 
 
+@pytest.mark.parametrize("per_group", [False, True])
+def test_maximize_ascends_as_minimizing_the_negated_objective(per_group):
+    """torch.optim's ``maximize``, for the optimizer or one group: handed the gradients of -f, it
+    takes the steps that minimizing f takes, bit for bit, through the shipped-like rule (its
+    moments, metanetwork, gradient term and distance estimate all read the sign)."""
+    x, y = data()
+    runs = []
+    for maximize in (False, True):
+        torch.manual_seed(0)
+        net = ARCHS["mlp3"]()[0]
+        params = list(net.parameters())
+        flipped = params[-2:] if per_group else params  # the tensors whose gradients are of -f
+        if per_group:
+            groups = [{"params": params[:-2]}, {"params": flipped, "maximize": maximize}]
+            opt = MetaNetOptimizer(groups, learned=random_learned(**SHIPPED_LIKE))
+        else:
+            opt = MetaNetOptimizer(params, learned=random_learned(**SHIPPED_LIKE), maximize=maximize)
+        for _ in range(6):
+            opt.zero_grad()
+            loss_fn(net, x, y).backward()
+            if maximize:
+                for q in flipped:
+                    q.grad.neg_()
+            opt.step()
+        runs.append([q.detach().clone() for q in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_named_parameters_and_describe():
     net = mlp(3, 5, 2)
     opt = MetaNetOptimizer(net.named_parameters(), learned=LearnedOptimizer())

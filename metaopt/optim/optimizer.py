@@ -78,6 +78,8 @@ class MetaNetOptimizer(torch.optim.Optimizer):
             the shipped default every 4th step, every 8th after step 100). Its cost does
             not shrink with the model, so on small models this is most of the step's overhead over
             Adam; docs/optimizer.md measures what it saves and what it changes.
+        maximize: ascend the objective instead (as ``torch.optim.Adam(maximize=True)``): the rule
+            reads the negated gradients. A group may set it too.
 
     The update of step t is computed in float32 whatever the parameter dtype; bfloat16 and float16
     parameters are updated through a float32 master copy kept in the state (one more tensor per
@@ -88,7 +90,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float | None = None, weight_decay: float = 0.0,
                  learned: LearnedOptimizer | str | os.PathLike | None = None, module: nn.Module | None = None,
-                 compile: bool = False, refresh_every: int | None = None):
+                 compile: bool = False, refresh_every: int | None = None, maximize: bool = False):
         if learned is None:
             learned = DEFAULT_PATH
         learned = learned if isinstance(learned, LearnedOptimizer) else load_learned(learned)
@@ -104,7 +106,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         self.learned = learned
         self.learned.requires_grad_(False)
         self._warned: set[str] = set()
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, maximize=maximize))
         self.module = module
         self._structure: Structure | None = None
         self.compile = compile
@@ -285,6 +287,9 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         step = max(float(states[i]["step"]) for i in live_idx) + 1
         grads32 = [_cast(g, torch.float32) for g in grads]
         grads32 = [g if g.is_contiguous() else g.contiguous() for g in grads32]  # as the state (channels_last, ...)
+        ascend = {id(p) for group in self.param_groups if group.get("maximize") for p in group["params"]}
+        if ascend:  # the rule, its moments and its distance estimate all read the negated gradients
+            grads32 = [g.neg() if id(p) in ascend else g for p, g in zip(params, grads32)]
         torch._foreach_add_([states[i]["step"] for i in live_idx], 1.0)
         device = params[0].device
         if self._learned_device != device:  # Module.to walks every parameter: only on a move
