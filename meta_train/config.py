@@ -87,6 +87,9 @@ class Config:
                         "estimate (prodigy, the shipped default's; needed to fine-tune it)", choices=("fixed", "prodigy"))
     distance_weighted_momentum: bool = _f(False, "with step_size prodigy: the first moment averages d_t * g_t, "
                                           "Prodigy's momentum (the shipped default's)")
+    param_term_follows_gradient: bool = _f(False, "the rule's parameter term is scaled by min(1, rms(g) / the "
+                                           "rms Adam's second moment remembers), so it vanishes with the "
+                                           "gradient (the shipped default's)")
     # outer optimizer
     outer_lr: float = _f(1e-3, "Adam learning rate for the meta-parameters")
     outer_betas: list = _f([0.9, 0.999], "Adam betas for the meta-parameters")

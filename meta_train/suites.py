@@ -84,7 +84,8 @@ def learned_optimizer(config: Config, lr: float):
                                                    mix_decay_from=config.mix_decay_from or None,
                                                    amsgrad_from=config.amsgrad_from or None,
                                                    lr_decay_from=config.lr_decay_from or None,
-                                                   distance_weighted_momentum=config.distance_weighted_momentum))
+                                                   distance_weighted_momentum=config.distance_weighted_momentum,
+                                                   param_term_follows_gradient=config.param_term_follows_gradient))
 
 
 def _tiny(config: Config, device: torch.device) -> MetaProblem:

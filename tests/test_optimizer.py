@@ -504,6 +504,41 @@ def test_late_phase_fades_the_additive_terms(step):
         torch.testing.assert_close(got, s + fade * (f - s), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("step", [1, 50])
+def test_parameter_term_follows_the_gradient(step):
+    """With ``param_term_follows_gradient`` the term d * W / rms(W) of each tensor is scaled by
+    min(1, rms(g) / rms of the gradient Adam's second moment remembers): gone where the gradient
+    is, so the rule's fixed points are the loss's stationary points, and whole at step 1."""
+    torch.manual_seed(0)
+    learned = random_learned()
+    params = [p.detach()[None] for p in ARCHS["cnn2d_flatten"]().parameters()]
+    sizes = [0.0, 0.01, 1.0, 30.0]  # per tensor, the gradient's size against the remembered one
+    m, v = [torch.randn_like(p) for p in params], [torch.rand_like(p) + 0.5 for p in params]
+    grads = [torch.randn_like(p) * sizes[i % 4] for i, p in enumerate(params)]
+    if step == 1:  # Adam's second moment after one step is (1 - beta2) g^2: the bias-corrected rms is |g|'s
+        v = [(1 - learned.config.beta2) * g * g for g in grads]
+    coefficients = learned.direction_and_coefficients(None, params, grads, m, v, step)[1]
+    without = coefficients.clone()
+    without[..., 4] = without[..., 6] = 0.0  # the parameter terms' mixes (weights, biases)
+
+    def parameter_terms(rule):
+        full, none = (rule.direction_and_coefficients(None, params, grads, m, v, step, coefficients=c)[0]
+                      for c in (coefficients, without))
+        return [f - n for f, n in zip(full, none)]
+
+    plain, following = parameter_terms(learned), parameter_terms(learned.with_config(param_term_follows_gradient=True))
+    bc2 = 1 - learned.config.beta2 ** step
+    for g, vt, a, b in zip(grads, v, plain, following):
+        assert a.abs().max() > 1e-4  # the term is there
+        if not g.any():
+            assert not b.any()  # no gradient, no push
+        elif step == 1:
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)  # at step 1 the rule is unchanged
+        else:
+            ratio = min(1.0, (g.square().mean() / (vt.mean() / bc2)).sqrt().item())
+            torch.testing.assert_close(b, a * ratio, atol=1e-6, rtol=1e-4)
+
+
 def twin_nets():
     """Two identical small MLPs (one for the rule, one for its torch.optim reference) and their data."""
     torch.manual_seed(0)
@@ -699,15 +734,18 @@ def test_compiled_step_matches_eager(config):
     assert compiled.state_dict()["state"][0]["step"] == steps
 
 
+@pytest.mark.parametrize("follow", [False, True])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_fused_moments_match_the_generic_path_with_tensors_left_out(amsgrad):
+def test_fused_moments_match_the_generic_path_with_tensors_left_out(amsgrad, follow):
     # eager steps get Adam's direction from torch's fused kernel and apply the per-neuron
     # coefficients in place, through multipliers cached between refreshes; tensors without a
     # gradient this step (live leaves them out) keep their moments and still get a direction.
-    # Checked on a refresh and on a later step that reuses its coefficients, with the fade on.
+    # Checked on a refresh and on a later step that reuses its coefficients, with the fade on, and
+    # with the parameter term following the gradient (the fused path takes its norms from the step's
+    # finiteness check).
     from metaopt.optim.optimizer import _moments_and_direction
     torch.manual_seed(0)
-    learned = random_learned(mix_decay_from=2)
+    learned = random_learned(mix_decay_from=2, param_term_follows_gradient=follow)
     params = [p.detach().clone() for p in mlp(4, 7, 3, 2).parameters()]
     opt = MetaNetOptimizer([nn.Parameter(p.clone()) for p in params], learned=learned)
     state = [[torch.randn_like(p) for p in params], [torch.rand_like(p) for p in params],
@@ -722,7 +760,7 @@ def test_fused_moments_match_the_generic_path_with_tensors_left_out(amsgrad):
                                                                structure, coefficients, copies[0][2])
         states = [{"exp_avg": m, "exp_avg_sq": v} for m, v in zip(*copies[1][:2])]
         fused, fused_coefficients = opt._fused_deltas(params, grads, states, list(live), step, structure,
-                                                      coefficients, copies[1][2])
+                                                      coefficients, copies[1][2], torch.stack(torch._foreach_norm(grads)))
         torch.testing.assert_close(fused_coefficients, generic_coefficients, atol=1e-6, rtol=1e-5)
         for a, b in zip(generic, fused):
             torch.testing.assert_close(a[0], b, atol=1e-5, rtol=1e-5)

@@ -109,6 +109,11 @@ class LearnedOptimizerConfig:
     # momentum still carries the gradients of the tiny steps at full weight into the first large
     # ones: a stale, coherent push that killed the ReLU units of autoencoders (docs/optimizer.md)
     distance_weighted_momentum: bool = False
+    # the parameter term d * W / rms(W) is scaled by min(1, rms(g) / rms of the gradient that Adam's
+    # second moment remembers), per tensor: 1 at step 1 and while gradients keep their size, -> 0 as
+    # they vanish. Without it the term does not vanish at a minimum, so the rule's fixed points are
+    # not the loss's stationary points: a fit settles where the gradient balances a constant push
+    param_term_follows_gradient: bool = False
 
     def __post_init__(self):
         if self.step_size not in STEP_SIZES:
@@ -452,21 +457,29 @@ class LearnedOptimizer(nn.Module):
         normalisers = None
         if self.config.max_mix:
             sizes = [max(p[0].numel(), 1) for p in params]
+            g_square_sums = torch.stack([g.flatten(1).square().sum(1) for g in grads], 1) \
+                if self.config.param_term_follows_gradient else None
             normalisers = self.mix_normalisers(torch.stack([v.flatten(1).sum(1) for v in exp_avg_sq], 1),
                                                torch.stack([p.flatten(1).square().sum(1) for p in params], 1),
-                                               sizes, scalars.bc2)
+                                               sizes, scalars.bc2, g_square_sums)
         multipliers = self.tensor_multipliers(coefficients, structure, adam_scale, scalars.mix_scale, normalisers)
         return self._deltas(multipliers, u, grads, params), coefficients
 
     @staticmethod
-    def mix_normalisers(v_sums: Tensor, p_square_sums: Tensor, sizes: Sequence[int], bc2) -> tuple[Tensor, Tensor]:
+    def mix_normalisers(v_sums: Tensor, p_square_sums: Tensor, sizes: Sequence[int], bc2,
+                        g_square_sums: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """What the additive terms divide g and p by, per tensor (``[B, n]``, or ``[n]`` for sums
         ``[n]``) from the sums of its second moment and of its p^2: 1 / rms(g) (from Adam's
         bias-corrected second moment, exact at step 1) and 1 / rms(p). Taken at every step, reused
         coefficients or not: a tensor that starts at zero (a norm layer's bias) has 1 / rms(p) ~ 1e15
-        at step 1, harmless then (p = 0) but not once p has moved."""
+        at step 1, harmless then (p = 0) but not once p has moved. With this step's sums of g^2
+        (``config.param_term_follows_gradient``), the second is also multiplied by
+        min(1, rms(g) * the first)."""
         sizes = v_sums.new_tensor(sizes)
-        return (v_sums / sizes + 1e-30).div(bc2).rsqrt(), (p_square_sums / sizes + 1e-30).rsqrt()
+        g_norm, p_norm = (v_sums / sizes + 1e-30).div(bc2).rsqrt(), (p_square_sums / sizes + 1e-30).rsqrt()
+        if g_square_sums is not None:
+            p_norm = p_norm * ((g_square_sums / sizes).sqrt() * g_norm).clamp(max=1.0)
+        return g_norm, p_norm
 
     def neuron_coefficients(self, meta_params: dict[str, Tensor] | None, params: Sequence[Tensor],
                             grads: Sequence[Tensor], exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor], step,

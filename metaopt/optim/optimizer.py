@@ -164,7 +164,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
 
     def _fused_deltas(self, params: list[Tensor], grads: list[Tensor], states: list[dict], live: list[int], step: int,
                       structure: Structure, reuse: Tensor | None,
-                      max_exp_avg_sq: list[Tensor] | None) -> tuple[list[Tensor], Tensor]:
+                      max_exp_avg_sq: list[Tensor] | None, grad_norms: Tensor) -> tuple[list[Tensor], Tensor]:
         """The eager step on CPU and CUDA, as ``_moments_and_direction`` computes it, in few kernels
         and little Python: torch's fused Adam kernel updates the moments (and AMSGrad's maximum)
         and, applied to zeros at lr -1, writes Adam's bias-corrected direction into fresh buffers
@@ -197,8 +197,10 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         if multipliers.grad_mix is not None:  # the additive terms, over this step's 1 / rms of g and p
             # per-tensor sums: torch._foreach_norm(second, 1) took 4x as long on the CPU (1M parameters)
             v_sums, p_norms = [v.sum() for v in second], torch._foreach_norm(params)
+            g_square_sums = grad_norms.float().square() if c.param_term_follows_gradient else None
             g_norm, p_norm = self.learned.mix_normalisers(torch.stack(v_sums), torch.stack(p_norms).square(),
-                                                          [max(p.numel(), 1) for p in params], 1 - c.beta2 ** step)
+                                                          [max(p.numel(), 1) for p in params], 1 - c.beta2 ** step,
+                                                          g_square_sums)
             # as Python floats (one sync): the addcmul takes them as its per-tensor scalars, with the
             # late phase's fade, instead of a multiplication of the mixes per step
             fade, n = self.learned.mix_factor(step), len(params)
@@ -323,7 +325,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
                 torch._foreach_mul_([st["exp_avg"] for st in states], previous / distance)
         if not self.compile and device.type in ("cpu", "cuda"):  # torch has fused Adam kernels for these
             deltas, coefficients = self._fused_deltas(params32, grads32, states, live_idx, step, structure, reuse,
-                                                      max_exp_avg_sq)
+                                                      max_exp_avg_sq, norms)
         else:
             compute = self._compiled_direction(device) if self.compile else _moments_and_direction
             deltas, coefficients = compute(self.learned, params32, grads32, [st["exp_avg"] for st in states],
