@@ -30,9 +30,11 @@ def random_learned(seed=0, scale=0.3, **config):
 LATE = {"refresh_every": 2, "mix_decay_from": 2, "amsgrad_from": 3, "lr_decay_from": 3}
 # the step size lr * d_t from Prodigy's distance estimate (the shipped default's)
 PRODIGY = {"step_size": "prodigy", "lr": 1.0, "distance_warmup": 2}  # every step to 2, then at refreshes
-# all of it, with the metanetwork's refreshes at steps 1, then (after the warm-up) 4, 7, ..., and the
-# first moment weighted by the distance estimate (PRODIGY alone keeps Adam's plain momentum)
-SHIPPED_LIKE = {**LATE, **PRODIGY, "late_refresh_every": 3, "distance_weighted_momentum": True}
+# all of it, with the metanetwork's refreshes at steps 1, then (after the warm-up) 4, 7, ..., the
+# first moment weighted by the distance estimate (PRODIGY alone keeps Adam's plain momentum) and the
+# parameter term following the gradient
+SHIPPED_LIKE = {**LATE, **PRODIGY, "late_refresh_every": 3, "distance_weighted_momentum": True,
+                "param_term_follows_gradient": True}
 
 
 def data(name="mlp3", n=16, seed=0):
