@@ -19,7 +19,9 @@ are always this step's. Beyond the steps meta-training showed it, the config's l
 the additive terms and decays the step size (``mix_decay_from``, ``lr_decay_from``; see
 LearnedOptimizerConfig). With ``step_size="prodigy"`` the step size is lr times Prodigy's distance
 estimate (``prodigy_distance``), and with ``distance_weighted_momentum`` the first moment weighs
-each gradient by the estimate of its step, as Prodigy's does.
+each gradient by the estimate of its step, as Prodigy's does. With ``param_term_follows_gradient``
+the parameter term is also multiplied by min(1, rms(g) / rms(g) from v_hat), so it vanishes where
+the gradient does, and the rule's fixed points are the loss's stationary points.
 """
 
 from __future__ import annotations
