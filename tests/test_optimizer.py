@@ -316,9 +316,18 @@ def test_an_adam_like_lr_with_the_automatic_step_size_warns_and_the_fixed_rule_t
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MetaNetOptimizer(net.parameters())  # the default multiplier, 1.0: silent
-        fixed = MetaNetOptimizer(net.parameters(), lr=1e-3, learned=load_learned().with_config(step_size="fixed"))
-    with pytest.warns(RuntimeWarning, match="lr=0.001 multiplies"):
+        fixed = MetaNetOptimizer(net.parameters(), lr=1e-3, step_size="fixed")
+    with pytest.warns(RuntimeWarning, match="lr=0.001 multiplies.*step_size='fixed'"):
         MetaNetOptimizer(net.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="step_size='fixed' makes lr the step size itself"):
+        MetaNetOptimizer(net.parameters(), step_size="fixed")  # the shipped lr 1.0 would be Adam at 1.0
+    with pytest.raises(ValueError, match="step_size must be one of"):
+        MetaNetOptimizer(net.parameters(), step_size="adaptive")
+    # the keyword is the learned optimizer with that setting, nothing else
+    same = MetaNetOptimizer(net.parameters(), lr=1e-3, learned=load_learned().with_config(step_size="fixed"))
+    assert same.learned.config == fixed.learned.config and fixed.learned.config.step_size == "fixed"
+    assert all(torch.equal(a, b) for a, b in zip(same.learned.state_dict().values(),
+                                                 fixed.learned.state_dict().values()))
     opt = MetaNetOptimizer([{"params": net[0].parameters()}], lr=1.0)
     with pytest.warns(RuntimeWarning, match="lr=0.01 multiplies"):
         opt.add_param_group({"params": net[2].parameters(), "lr": 1e-2})

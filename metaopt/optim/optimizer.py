@@ -80,6 +80,10 @@ class MetaNetOptimizer(torch.optim.Optimizer):
             Adam; docs/optimizer.md measures what it saves and what it changes.
         maximize: ascend the objective instead (as ``torch.optim.Adam(maximize=True)``): the rule
             reads the negated gradients. A group may set it too.
+        step_size: "fixed" or "prodigy" to override the learned optimizer's own (the shipped
+            default: "prodigy"). With "fixed", ``lr`` is the step size itself, as Adam's is, and
+            must be given: the rule for policy gradients and deep saturating stacks, where the
+            estimated step overshoots or never grows (docs/optimizer.md).
 
     The update of step t is computed in float32 whatever the parameter dtype; bfloat16 and float16
     parameters are updated through a float32 master copy kept in the state (one more tensor per
@@ -90,10 +94,16 @@ class MetaNetOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float | None = None, weight_decay: float = 0.0,
                  learned: LearnedOptimizer | str | os.PathLike | None = None, module: nn.Module | None = None,
-                 compile: bool = False, refresh_every: int | None = None, maximize: bool = False):
+                 compile: bool = False, refresh_every: int | None = None, maximize: bool = False,
+                 step_size: str | None = None):
         if learned is None:
             learned = DEFAULT_PATH
         learned = learned if isinstance(learned, LearnedOptimizer) else load_learned(learned)
+        if step_size is not None and step_size != learned.config.step_size:
+            if step_size == "fixed" and lr is None:  # the rule's own lr multiplies an estimate: no step size
+                raise ValueError("MetaNetOptimizer: step_size='fixed' makes lr the step size itself; give one "
+                                 "(for example lr=1e-3, as for Adam)")
+            learned = learned.with_config(step_size=step_size)
         if refresh_every is not None and (refresh_every, None) != (learned.config.refresh_every,
                                                                    learned.config.late_refresh_every):
             learned = learned.with_config(refresh_every=refresh_every, late_refresh_every=None)
@@ -139,8 +149,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
             self._warn_once("lr", f"MetaNetOptimizer: lr={lr:g} multiplies this rule's automatic step size "
                                   f"(Prodigy's distance estimate, which starts at 1e-6; default lr 1.0). Below 0.1 "
                                   f"the estimate grows slowly or, from 0.01 down, not at all, and training stalls. "
-                                  f"Leave lr unset, or for a fixed Adam-like step size pass "
-                                  f"learned=metaopt.optim.load_learned().with_config(step_size='fixed')")
+                                  f"Leave lr unset, or for a fixed Adam-like step size pass step_size='fixed'")
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
