@@ -63,24 +63,24 @@ class Normalizer:
             stds.append(std if std > 1e-12 else 1.0)  # constant tensors (absent biases) pass through centred
         return cls(means, stds)
 
+    def _per_tensor(self, ws: WeightSpace, f: Callable[[Tensor, float, float], Tensor]) -> WeightSpace:
+        """``f(tensor, its mean, its std)`` on every weight and bias tensor (stored in that order)."""
+        w = [f(t, self.means[2 * i], self.stds[2 * i]) for i, t in enumerate(ws.weights)]
+        b = [f(t, self.means[2 * i + 1], self.stds[2 * i + 1]) for i, t in enumerate(ws.biases)]
+        return WeightSpace(w, b, ws.spec)
+
     def __call__(self, ws: WeightSpace) -> WeightSpace:
         if 2 * len(ws) != len(self.means):
             raise StandaloneError(f"normalizer fitted on {len(self.means) // 2} layers, weight space has {len(ws)}")
-        w = [(t - self.means[2 * i]) / self.stds[2 * i] for i, t in enumerate(ws.weights)]
-        b = [(t - self.means[2 * i + 1]) / self.stds[2 * i + 1] for i, t in enumerate(ws.biases)]
-        return WeightSpace(w, b, ws.spec)
+        return self._per_tensor(ws, lambda t, mean, std: (t - mean) / std)
 
     def uncentred(self, ws: WeightSpace) -> WeightSpace:
         """Raw weights over the stds, not centred: a sign flip of a neuron stays an exact sign flip."""
-        w = [t + self.means[2 * i] / self.stds[2 * i] for i, t in enumerate(ws.weights)]
-        b = [t + self.means[2 * i + 1] / self.stds[2 * i + 1] for i, t in enumerate(ws.biases)]
-        return WeightSpace(w, b, ws.spec)
+        return self._per_tensor(ws, lambda t, mean, std: t + mean / std)
 
     def inverse(self, ws: WeightSpace) -> WeightSpace:
         """Back to raw weights, e.g. to apply an augmentation that is exact only in raw units."""
-        w = [t * self.stds[2 * i] + self.means[2 * i] for i, t in enumerate(ws.weights)]
-        b = [t * self.stds[2 * i + 1] + self.means[2 * i + 1] for i, t in enumerate(ws.biases)]
-        return WeightSpace(w, b, ws.spec)
+        return self._per_tensor(ws, lambda t, mean, std: t * std + mean)
 
     def to_json(self) -> dict:
         return {"means": self.means, "stds": self.stds}
