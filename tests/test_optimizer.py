@@ -31,10 +31,10 @@ LATE = {"refresh_every": 2, "mix_decay_from": 2, "amsgrad_from": 3, "lr_decay_fr
 # the step size lr * d_t from Prodigy's distance estimate (the shipped default's)
 PRODIGY = {"step_size": "prodigy", "lr": 1.0, "distance_warmup": 2}  # every step to 2, then at refreshes
 # all of it, with the metanetwork's refreshes at steps 1, then (after the warm-up) 4, 7, ..., the
-# first moment weighted by the distance estimate (PRODIGY alone keeps Adam's plain momentum) and the
-# parameter term following the gradient
+# first moment weighted by the distance estimate (PRODIGY alone keeps Adam's plain momentum), the
+# parameter term following the gradient and the step size's hypergradient factor from step 3
 SHIPPED_LIKE = {**LATE, **PRODIGY, "late_refresh_every": 3, "distance_weighted_momentum": True,
-                "param_term_follows_gradient": True}
+                "param_term_follows_gradient": True, "hypergradient_from": 3}
 
 
 def data(name="mlp3", n=16, seed=0):
@@ -101,6 +101,8 @@ def test_functional_core_matches_the_optimizer(config):
     # the shell updates moments with foreach kernels, the core with lerp: float32 rounding differs
     for a, b in zip(net.parameters(), params):
         torch.testing.assert_close(a, b[0], atol=1e-5, rtol=1e-4)
+    if config.get("hypergradient_from"):  # (steps this small keep agreeing: test_step_scale_* moves it)
+        assert opt.step_scale() == pytest.approx(state["step_scale"][0].item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("config", [{}, LATE, PRODIGY, {**PRODIGY, "refresh_every": 2}, SHIPPED_LIKE])
@@ -548,6 +550,73 @@ def test_parameter_term_follows_the_gradient(step):
         else:
             ratio = min(1.0, (g.square().mean() / (vt.mean() / bc2)).sqrt().item())
             torch.testing.assert_close(b, a * ratio, atol=1e-6, rtol=1e-4)
+
+
+def test_step_scale_follows_the_cosine_at_a_floor():
+    """log h += rate * from / t * (gate * cos + 1 - gate), h <= 1; cos of this gradient and the last
+    step's direction, gate = max(0, 1 - rho / config.hypergradient_gate), rho the gradient's size
+    against the one Adam's second moment remembers."""
+    learned = LearnedOptimizer(LearnedOptimizerConfig(hypergradient_from=10, hypergradient_rate=0.2,
+                                                      hypergradient_gate=0.01))
+    half, g, d = torch.tensor([0.5]), torch.tensor([4.0]), torch.tensor([9.0])  # squared norms: |g| = 2, |d| = 3
+
+    def scale(dot, rho):  # at step 20: rate 0.2 * 10 / 20 = 0.1
+        return learned.step_scale(half, torch.tensor([dot]), g, d, g / rho ** 2, 20).item()
+
+    gate = 1 - 1e-6 / 0.01  # at a floor: the cosine, almost alone
+    for dot, cos in ((-6.0, -1.0), (6.0, 1.0), (-3.0, -0.5), (0.0, 0.0)):
+        assert scale(dot, 1e-6) == pytest.approx(0.5 * math.exp(0.1 * (gate * cos + 1 - gate)), rel=1e-6)
+    assert scale(-6.0, 0.005) == pytest.approx(0.5, rel=1e-6)  # half-way: half cos, half growth back
+    assert scale(-6.0, 0.5) == pytest.approx(0.5 * math.exp(0.1), rel=1e-6)  # off the floor: back towards 1
+    assert learned.step_scale(torch.tensor([1.0]), torch.tensor([6.0]), g, d, g * 1e12, 20).item() == 1.0  # at most 1
+    # no last step (a zero direction) and no gradient: h stands, and its gradient is finite (meta-training differentiates it)
+    h = torch.tensor([0.5], requires_grad=True)
+    zero = torch.tensor([0.0])
+    out = learned.step_scale(h, zero, zero, zero, torch.tensor([1.0]), 20)
+    out.backward()
+    assert out.item() == pytest.approx(0.5 * math.exp(0.0)) and torch.isfinite(h.grad).all()
+    assert not learned.adapts_step(9) and learned.adapts_step(10)
+
+
+@pytest.mark.parametrize("objective", ["bowl", "slope"])
+def test_step_scale_shrinks_where_steps_overshoot(objective):
+    """A bowl whose gradient carries a small error (as the roundoff of a fit at 1e-13 does): once
+    the fit is at the floor that error allows, the gradient is far below the one Adam remembers and
+    each new gradient tends to oppose the last step; the factor shrinks the step and the fit goes
+    10x deeper. On a slope every gradient agrees with the last step: the factor stays 1 and the
+    steps are Adam's. The functional core takes the same steps (two tensors: the sums run over both)."""
+    def loss_of(ws, noise):
+        if objective == "slope":
+            return sum(w.sum() for w in ws)
+        return sum(0.5 * w.square().sum() + (w * n).sum() for w, n in zip(ws, noise))
+
+    def noises(steps):
+        g = torch.Generator().manual_seed(0)
+        return [[1e-6 * torch.randn(10, generator=g) for _ in range(2)] for _ in range(steps)]
+
+    def fit(hypergradient_from):
+        ws = [nn.Parameter(torch.linspace(-1.0, 1.0, 20)[i::2].clone()) for i in range(2)]
+        rule = LearnedOptimizer(LearnedOptimizerConfig(hypergradient_from=hypergradient_from))
+        opt = MetaNetOptimizer(ws, lr=0.1, learned=rule, step_size="fixed")
+        for noise in noises(600):
+            opt.zero_grad()
+            loss_of(ws, noise).backward()
+            opt.step()
+        return opt, rule, torch.cat([w.detach() for w in ws])
+
+    (adapted, rule, w), (_, _, plain) = fit(50), fit(None)
+    if objective == "bowl":
+        assert adapted.step_scale() < 0.5
+        assert w.square().sum() < 0.1 * plain.square().sum()
+    else:
+        assert adapted.step_scale() == 1.0 and torch.equal(w, plain)
+    params = [torch.linspace(-1.0, 1.0, 20)[i::2][None] for i in range(2)]
+    state = rule.init(params)
+    for step, noise in enumerate(noises(600), 1):
+        grads = torch.func.grad(loss_of)(params, [n[None] for n in noise])
+        params, state = rule.update(None, params, grads, state, step, lr=0.1)
+    torch.testing.assert_close(torch.cat([p[0] for p in params]), w, atol=1e-7, rtol=1e-3)
+    assert state["step_scale"][0].item() == pytest.approx(adapted.step_scale(), rel=1e-3)
 
 
 def twin_nets():

@@ -43,7 +43,7 @@ NUM_OUTPUTS = 7  # log-scales: weight row, weight column, bias; mixes: weight gr
 STEP_SIZES = ("fixed", "prodigy")
 # the functional state's keys, in the order init and update give them (those the config uses)
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "initial_params", "grad_sums", "distance",
-              "distance_numerator", "coefficients")
+              "distance_numerator", "coefficients", "last_directions", "step_scale")
 PRODIGY_D0 = 1e-6  # Prodigy's first distance estimate: far too small on purpose, it only grows
 
 
@@ -116,6 +116,18 @@ class LearnedOptimizerConfig:
     # they vanish. Without it the term does not vanish at a minimum, so the rule's fixed points are
     # not the loss's stationary points: a fit settles where the gradient balances a constant push
     param_term_follows_gradient: bool = False
+    # from this step on, the step size also answers to the loss where a fit has reached the floor
+    # its step size allows (hypergradient descent, Baydin et al. 2018, in multiplicative form): a
+    # factor h <= 1 for the whole run, log h += rate * from / t * (gate * cos + 1 - gate), with cos
+    # that of g_t and the last step's direction and gate = max(0, 1 - rho / hypergradient_gate),
+    # rho = rms(g) / the rms Adam's second moment remembers (all tensors together). At a floor the
+    # gradient has collapsed (rho ~ 1e-5 on a SIREN fit at 1e-13) while the steps bounce across the
+    # minimum (cos < 0): h shrinks until they stop. Elsewhere (rho > gate) h grows back to 1: on
+    # minibatch and valley-shaped losses cos is negative too, and shrinking the step there slowed
+    # long runs 2-40x (docs/optimizer.md, "Step size at the floor")
+    hypergradient_from: int | None = None
+    hypergradient_rate: float = 0.2
+    hypergradient_gate: float = 0.01
 
     def __post_init__(self):
         if self.step_size not in STEP_SIZES:
@@ -127,7 +139,11 @@ class LearnedOptimizerConfig:
         late = self.late_refresh_every
         if late is not None and not (isinstance(late, int) and late >= 1):
             raise ValueError(f"late_refresh_every must be an integer >= 1 or None, got {late!r}")
-        for name in ("mix_decay_from", "amsgrad_from", "lr_decay_from"):
+        for name in ("hypergradient_rate", "hypergradient_gate"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        for name in ("mix_decay_from", "amsgrad_from", "lr_decay_from", "hypergradient_from"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be None (off) or an integer step >= 1, got {value!r}")
@@ -307,6 +323,9 @@ class LearnedOptimizer(nn.Module):
             batch = params[0].new_zeros(params[0].shape[0], dtype=torch.float32)
             state.update(initial_params=[p.detach().float().clone() for p in params],
                          grad_sums=[z.clone() for z in zeros], distance=[batch + PRODIGY_D0], distance_numerator=[batch])
+        if self.config.hypergradient_from is not None:  # no last step yet: cos = 0 leaves h = 1
+            state.update(last_directions=[z.clone() for z in zeros],
+                         step_scale=[params[0].new_ones(params[0].shape[0], dtype=torch.float32)])
         if self.reuses_coefficients:  # placeholder: step 1 always runs the metanetwork
             graph = self._graph(self.structure_for([p.shape[1:] for p in params]), params[0].device)
             state["coefficients"] = [params[0].new_zeros(params[0].shape[0], graph.num_neurons,
@@ -355,6 +374,16 @@ class LearnedOptimizer(nn.Module):
         reuse = None if self.refreshes(step) else state["coefficients"][0]
         deltas, coefficients = self.direction_and_coefficients(meta_params, params, grads, exp_avg, second_moment,
                                                                step, structure, reuse)
+        if c.hypergradient_from is not None:
+            scale = state["step_scale"][0]
+            if self.adapts_step(step):
+                per_task = lambda ts: torch.stack([t.reshape(t.shape[0], -1).sum(1) for t in ts]).sum(0)  # noqa: E731
+                scale = self.step_scale(scale, per_task([g * d for g, d in zip(grads, state["last_directions"])]),
+                                        per_task([g * g for g in grads]),
+                                        per_task([d * d for d in state["last_directions"]]),
+                                        per_task(second_moment) / (1 - c.beta2 ** step), step)
+            new_state.update(last_directions=list(deltas), step_scale=[scale])
+            lr = lr * scale
         rates = [lr.reshape((-1,) + (1,) * (p.dim() - 1)) if isinstance(lr, Tensor) else lr for p in params]
         new_params = [p - r * (d + weight_decay * p) for p, d, r in zip(params, deltas, rates)]
         if self.reuses_coefficients:
@@ -409,6 +438,32 @@ class LearnedOptimizer(nn.Module):
         else:
             return None
         return self.lr_factor(step) * gap, math.sqrt(c.beta2) ** gap
+
+    def adapts_step(self, step) -> bool:
+        """Whether ``step`` (counted from 1) updates the hypergradient factor on the step size: from
+        ``hypergradient_from`` on, at the metanetwork's refresh steps (its few passes over the
+        parameters and one sync amortised, as the distance estimate's are; the rate takes the gap)."""
+        first = self.config.hypergradient_from
+        return first is not None and int(step) >= max(first, 2) and self.refreshes(step)
+
+    def step_scale(self, scale: Tensor, dot: Tensor, grad_square: Tensor, direction_square: Tensor,
+                   remembered_square: Tensor, step) -> Tensor:
+        """The hypergradient factor h after ``step`` (``config.hypergradient_from``): from ``scale``,
+        ``log h += rate * from / step * (gate * cos + 1 - gate)``, at most 1. cos is that of this
+        step's gradient (squared norm ``grad_square``) and the last step's direction
+        (``direction_square``), ``dot`` their inner product; gate = max(0, 1 - rho / config.hypergradient_gate)
+        with rho^2 = ``grad_square`` / ``remembered_square`` (the bias-corrected second moment's sum).
+        All are sums over every tensor, so h is invariant to any permutation of neurons. The rate
+        falls as 1 / t, as the fade and the step-size decay of the late phase do, and stands for the
+        steps since the last update (the refresh period). Differentiable."""
+        c = self.config
+        # products and ratios clamped, not the norms: no sqrt at 0 (its gradient is inf); |dot| <= the norms' product
+        cos = (dot * (grad_square * direction_square).clamp(min=1e-38).rsqrt()).clamp(-1.0, 1.0)
+        rho = (grad_square / remembered_square.clamp(min=1e-38)).clamp(min=1e-38).sqrt()
+        gate = (1 - rho / c.hypergradient_gate).clamp(min=0.0) if c.hypergradient_gate > 0 else torch.zeros_like(rho)
+        gap = min(self.refresh_period(step), int(step) - max(c.hypergradient_from, 2) + 1)
+        rate = c.hypergradient_rate * c.hypergradient_from / float(step) * gap
+        return (scale * torch.exp(rate * (gate * cos + 1 - gate))).clamp(max=1.0)
 
     def lr_factor(self, step: int) -> float:
         """What the late phase multiplies the step size by at ``step`` (counted from 1)."""

@@ -16,8 +16,9 @@ from .structure import Structure, infer_structure, structure_from_module
 
 # per-parameter float32 state: Adam's moments, AMSGrad's maximum from the rule's amsgrad_from on,
 # with step_size "prodigy" the initial weights and the weighted gradient sum of the distance estimate,
+# with the rule's hypergradient_from the step's direction (at the steps before those that read it),
 # and for bfloat16 / float16 parameters their float32 master copy
-_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "initial_param", "grad_sum", "master_param")
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "initial_param", "grad_sum", "master_param", "last_direction")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)  # parameters updated through a float32 master copy
 # the per-neuron coefficients of the last refresh when the learned optimizer reuses them
 # (``refresh_every`` > 1); they describe all neurons, so they live in the state of the first parameter.
@@ -66,7 +67,9 @@ class MetaNetOptimizer(torch.optim.Optimizer):
             the step size is lr * d_t; otherwise it is the step size itself, and an untrained
             metanetwork makes the optimizer Adam at this lr. The rule's late phase
             (``config.lr_decay_from``; the shipped default: step 100) multiplies each group's lr by
-            sqrt(lr_decay_from / t) from then on, on top of any lr scheduler.
+            sqrt(lr_decay_from / t) from then on, on top of any lr scheduler; from
+            ``config.hypergradient_from`` (the shipped default: step 100) a factor h <= 1 on the
+            whole step (``step_scale()``) shrinks it where the fit sits at its floor.
         learned: a :class:`LearnedOptimizer`, a path to a saved one, or None for the shipped default.
         module: the model, for exact weight-space structure; without it the structure is inferred
             from parameter shapes and order (``describe()`` shows what was inferred).
@@ -253,6 +256,33 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         group["distance"], group["distance_numerator"] = distance, numerator
         return distance
 
+    def step_scale(self) -> float:
+        """The hypergradient factor h on the step size (``config.hypergradient_from``; 1 before it
+        and without it). Kept in the first param group, as the distance estimate is."""
+        return self.param_groups[0].get("step_scale", 1.0)
+
+    def _update_step_scale(self, grads: list[Tensor], grad_norms: Tensor, deltas: list[Tensor], states: list[dict],
+                           second: list[Tensor], live: list[int], step: int) -> float:
+        """``LearnedOptimizer.step_scale`` over all parameters together, at the steps it names: this
+        step's gradients against the last step's directions (absent ones count as zero) and against
+        ``second``, the second moment the step's direction read. The directions are kept only at the
+        steps before those."""
+        learned, group = self.learned, self.param_groups[0]
+        if learned.adapts_step(step):
+            directions = [st.pop("last_direction", None) for st in states]
+            last = [(grads[i], directions[i]) for i in live if directions[i] is not None]
+            if last:
+                dot = torch.stack([torch.dot(g.reshape(-1), d.reshape(-1)) for g, d in last]).sum()
+                direction_square = torch.stack(torch._foreach_norm([d for _, d in last])).square().sum()
+                remembered = torch.stack([v.sum() for v in second]).sum() / (1 - learned.config.beta2 ** step)
+                scale = learned.step_scale(dot.new_tensor(self.step_scale()), dot, grad_norms.float().square().sum(),
+                                           direction_square, remembered, step)
+                group["step_scale"] = scale.item()
+        if learned.adapts_step(step + 1):
+            for i in live:
+                states[i]["last_direction"] = deltas[i].reshape(grads[i].shape)
+        return self.step_scale()
+
     # ------------------------------------------------------------------ step
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
@@ -343,6 +373,9 @@ class MetaNetOptimizer(torch.optim.Optimizer):
                                            if self.compile else step, structure, reuse, max_exp_avg_sq)
         if self.learned.reuses_coefficients:
             states[0][_COEFFICIENTS] = coefficients
+        if self.learned.config.hypergradient_from is not None:
+            second = [st["exp_avg_sq"] for st in states] if max_exp_avg_sq is None else max_exp_avg_sq
+            lr_factor *= self._update_step_scale(grads32, norms, deltas, states, second, live_idx, step)
         index = {id(p): i for i, p in enumerate(params)}
         for group in self.param_groups:
             lr, wd = group["lr"] * lr_factor, group["weight_decay"]
