@@ -90,6 +90,10 @@ class Config:
     param_term_follows_gradient: bool = _f(False, "the rule's parameter term is scaled by min(1, rms(g) / the "
                                            "rms Adam's second moment remembers), so it vanishes with the "
                                            "gradient (the shipped default's)")
+    hypergradient_from: int = _f(0, "from this inner step on, where a fit is at the floor its step size allows "
+                                 "(the gradient far below the remembered one), the step size shrinks while new "
+                                 "gradients oppose the last step: hypergradient descent (0: off; the shipped "
+                                 "default's: 100)")
     # outer optimizer
     outer_lr: float = _f(1e-3, "Adam learning rate for the meta-parameters")
     outer_betas: list = _f([0.9, 0.999], "Adam betas for the meta-parameters")
@@ -125,9 +129,10 @@ class Config:
         if not (self.sigma > 0 and math.isfinite(self.sigma)):
             raise ConfigError(f"sigma must be a positive number, got {self.sigma}")
         if self.clip_grad_norm < 0 or self.eval_every < 0 or self.augment_scale < 0 or not self.max_mix >= 0 \
-                or min(self.mix_decay_from, self.amsgrad_from, self.lr_decay_from, self.late_refresh_every) < 0:
+                or min(self.mix_decay_from, self.amsgrad_from, self.lr_decay_from, self.late_refresh_every,
+                       self.hypergradient_from) < 0:
             raise ConfigError("clip_grad_norm, eval_every, augment_scale, max_mix, mix_decay_from, amsgrad_from, "
-                              "lr_decay_from and late_refresh_every must be >= 0")
+                              "lr_decay_from, late_refresh_every and hypergradient_from must be >= 0")
         if self.augment_scale and self.augment_scale < 1:
             raise ConfigError(f"augment_scale is a factor >= 1 (or 0 to disable), got {self.augment_scale}")
         if any(not (w >= 0 and math.isfinite(w)) for w in self.family_weights) or \

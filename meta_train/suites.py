@@ -85,7 +85,8 @@ def learned_optimizer(config: Config, lr: float):
                                                    amsgrad_from=config.amsgrad_from or None,
                                                    lr_decay_from=config.lr_decay_from or None,
                                                    distance_weighted_momentum=config.distance_weighted_momentum,
-                                                   param_term_follows_gradient=config.param_term_follows_gradient))
+                                                   param_term_follows_gradient=config.param_term_follows_gradient,
+                                                   hypergradient_from=config.hypergradient_from or None))
 
 
 def _tiny(config: Config, device: torch.device) -> MetaProblem:
