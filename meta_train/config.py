@@ -90,6 +90,8 @@ class Config:
     param_term_follows_gradient: bool = _f(False, "the rule's parameter term is scaled by min(1, rms(g) / the "
                                            "rms Adam's second moment remembers), so it vanishes with the "
                                            "gradient (the shipped default's)")
+    distance_init: float = _f(1e-6, "with step_size prodigy: the distance estimate's first value, its smallest "
+                              "step size per unit lr (Prodigy's: 1e-6)")
     hypergradient_from: int = _f(0, "from this inner step on, where a fit is at the floor its step size allows "
                                  "(the gradient far below the remembered one), the step size shrinks while new "
                                  "gradients oppose the last step: hypergradient descent (0: off; the shipped "
@@ -133,6 +135,8 @@ class Config:
                        self.hypergradient_from) < 0:
             raise ConfigError("clip_grad_norm, eval_every, augment_scale, max_mix, mix_decay_from, amsgrad_from, "
                               "lr_decay_from, late_refresh_every and hypergradient_from must be >= 0")
+        if not (0 < self.distance_init < math.inf):
+            raise ConfigError(f"distance_init must be a positive number, got {self.distance_init}")
         if self.augment_scale and self.augment_scale < 1:
             raise ConfigError(f"augment_scale is a factor >= 1 (or 0 to disable), got {self.augment_scale}")
         if any(not (w >= 0 and math.isfinite(w)) for w in self.family_weights) or \

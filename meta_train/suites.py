@@ -86,7 +86,8 @@ def learned_optimizer(config: Config, lr: float):
                                                    lr_decay_from=config.lr_decay_from or None,
                                                    distance_weighted_momentum=config.distance_weighted_momentum,
                                                    param_term_follows_gradient=config.param_term_follows_gradient,
-                                                   hypergradient_from=config.hypergradient_from or None))
+                                                   hypergradient_from=config.hypergradient_from or None,
+                                                   distance_init=config.distance_init))
 
 
 def _tiny(config: Config, device: torch.device) -> MetaProblem:

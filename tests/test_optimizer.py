@@ -81,7 +81,8 @@ def test_trained_metanetwork_changes_the_update():
     assert max((a - b).abs().max().item() for a, b in zip(net.parameters(), ref.parameters())) > 1e-3
 
 
-@pytest.mark.parametrize("config", [{}, {"refresh_every": 3}, LATE, PRODIGY, {**LATE, **PRODIGY}, SHIPPED_LIKE])
+@pytest.mark.parametrize("config", [{}, {"refresh_every": 3}, LATE, PRODIGY, {**LATE, **PRODIGY}, SHIPPED_LIKE,
+                                    {**SHIPPED_LIKE, "distance_init": 1e-3}])
 def test_functional_core_matches_the_optimizer(config):
     torch.manual_seed(0)
     net = ARCHS["cnn2d_flatten"]()
@@ -495,7 +496,9 @@ def test_refresh_every_reuses_the_coefficients_in_between():
 
 @pytest.mark.parametrize("bad", [{"refresh_every": 0}, {"mix_decay_from": 0}, {"amsgrad_from": 2.5},
                                  {"amsgrad_from": -1}, {"lr_decay_from": 0}, {"step_size": "adaptive"},
-                                 {"distance_warmup": -1}, {"late_refresh_every": 0}, {"refresh_every": None}])
+                                 {"distance_warmup": -1}, {"late_refresh_every": 0}, {"refresh_every": None},
+                                 {"hypergradient_from": 0}, {"hypergradient_rate": -0.1},
+                                 {"hypergradient_gate": math.nan}, {"distance_init": 0.0}, {"distance_init": math.inf}])
 def test_config_steps_are_checked(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         LearnedOptimizerConfig(**bad)
@@ -645,16 +648,17 @@ def test_late_phase_lr_decay_is_a_schedule_on_the_group_lr():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_prodigy_step_size_is_adam_at_lr_times_the_distance_estimate(weighted):
+@pytest.mark.parametrize("weighted,start", [(False, 1e-6), (True, 1e-6), (True, 1e-3)])
+def test_prodigy_step_size_is_adam_at_lr_times_the_distance_estimate(weighted, start):
     # untrained, with step_size "prodigy" the rule is AdamW at lr * d_t (times the late phase's
     # decay), d_t from Prodigy's recurrence, here recomputed in float64 beside torch's AdamW (which
     # stays float32 like the optimizer: d reads differences of float32 weights and amplifies their
     # rounding). With distance_weighted_momentum the first moment averages d_j * g_j instead
     # (Prodigy's momentum): AdamW's exp_avg, which then holds that average over d_k, is rescaled
-    # by d_{k-1} / d_k before each step
+    # by d_{k-1} / d_k before each step. The estimate starts at config.distance_init (Prodigy's 1e-6)
     nets, x, y = twin_nets()
-    config = LearnedOptimizerConfig(step_size="prodigy", lr_decay_from=3, distance_weighted_momentum=weighted)
+    config = LearnedOptimizerConfig(step_size="prodigy", lr_decay_from=3, distance_weighted_momentum=weighted,
+                                    distance_init=start)
     ours = MetaNetOptimizer(nets[0].parameters(), lr=0.5, weight_decay=0.1, learned=LearnedOptimizer(config))
     plain = copy.deepcopy(nets[0])
     plain_opt = MetaNetOptimizer(plain.parameters(), lr=0.5, weight_decay=0.1,
@@ -662,7 +666,7 @@ def test_prodigy_step_size_is_adam_at_lr_times_the_distance_estimate(weighted):
     adam = torch.optim.AdamW(nets[1].parameters(), lr=0.0, weight_decay=0.1)
     initial = [p.detach().double().clone() for p in nets[1].parameters()]
     sums = [torch.zeros_like(p) for p in initial]
-    d, numerator, beta3, distances = 1e-6, 0.0, 0.999 ** 0.5, []
+    d, numerator, beta3, distances = start, 0.0, 0.999 ** 0.5, []
     for t in range(1, 40):
         adam.zero_grad()
         loss_fn(nets[1], x, y).backward()
@@ -682,6 +686,7 @@ def test_prodigy_step_size_is_adam_at_lr_times_the_distance_estimate(weighted):
         train(plain, plain_opt, 1, x, y)
         distances.append(ours.distance())
     assert distances == sorted(distances) and distances[-1] > 10 * distances[0]  # it only grows
+    assert distances[0] >= start
     assert ours.distance() == pytest.approx(d, rel=1e-4)
     for a, b in zip(*(n.parameters() for n in nets)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

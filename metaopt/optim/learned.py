@@ -44,7 +44,9 @@ STEP_SIZES = ("fixed", "prodigy")
 # the functional state's keys, in the order init and update give them (those the config uses)
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "initial_params", "grad_sums", "distance",
               "distance_numerator", "coefficients", "last_directions", "step_scale")
-PRODIGY_D0 = 1e-6  # Prodigy's first distance estimate: far too small on purpose, it only grows
+# Prodigy's first distance estimate (config.distance_init's default), far too small on purpose: it only
+# grows. Also the fixed scale of the estimate's weights, which cancels in its ratio
+PRODIGY_D0 = 1e-6
 
 
 class StepScalars(NamedTuple):
@@ -99,6 +101,11 @@ class LearnedOptimizerConfig:
     # see prodigy_distance), so lr becomes a multiplier (1.0 in the shipped default): one rule for
     # tasks whose best Adam lr differs by 100x (docs/optimizer.md, "Step size")
     step_size: str = "fixed"
+    # with step_size "prodigy": the estimate's first value d_0. It only grows from there, so d_0 is also
+    # the smallest step size per unit lr: Prodigy's 1e-6 starts far below any task's scale, and on a
+    # task whose early gradients point nowhere in particular (a policy gradient before any reward)
+    # the weights never move far enough for the estimate to grow (docs/optimizer.md, "Step size")
+    distance_init: float = PRODIGY_D0
     # the distance estimate is updated at every step up to this one, while it grows fastest, and
     # from then on with the metanetwork, at its refresh steps (LearnedOptimizer.distance_weights)
     distance_warmup: int = 100
@@ -132,6 +139,8 @@ class LearnedOptimizerConfig:
     def __post_init__(self):
         if self.step_size not in STEP_SIZES:
             raise ValueError(f"step_size must be one of {STEP_SIZES}, got {self.step_size!r}")
+        if not (isinstance(self.distance_init, (int, float)) and 0 < self.distance_init < math.inf):
+            raise ValueError(f"distance_init must be a positive number, got {self.distance_init!r}")
         if not (isinstance(self.distance_warmup, int) and self.distance_warmup >= 0):
             raise ValueError(f"distance_warmup must be an integer step >= 0, got {self.distance_warmup!r}")
         if not (isinstance(self.refresh_every, int) and self.refresh_every >= 1):
@@ -230,7 +239,7 @@ def prodigy_distance(distance: Tensor, numerator: Tensor, grad_sums: Sequence[Te
     """One step of Prodigy's distance estimate for a batch of tasks (``distance``, ``numerator``: [B]).
 
     With steps of size ``d_k * lr_factor_k`` along any direction, ``sum_k w_k <g_k, x_0 - x_k>`` over
-    ``||sum_k w_k g_k||_1`` (weights ``w_k = d_k^2 lr_factor_k / d0``, both sums discounted by
+    ``||sum_k w_k g_k||_1`` (weights ``w_k = d_k^2 lr_factor_k / PRODIGY_D0``, both sums discounted by
     ``beta3``) is a lower estimate of the distance to the solution: Prodigy's, with the weights of its
     Adam variant. It never shrinks: ``d`` is the running maximum (a non-finite or 0/0 estimate leaves
     it). Every term is a sum over all weights, so ``d`` is invariant to any permutation of neurons.
@@ -322,7 +331,8 @@ class LearnedOptimizer(nn.Module):
         if self.config.step_size == "prodigy":
             batch = params[0].new_zeros(params[0].shape[0], dtype=torch.float32)
             state.update(initial_params=[p.detach().float().clone() for p in params],
-                         grad_sums=[z.clone() for z in zeros], distance=[batch + PRODIGY_D0], distance_numerator=[batch])
+                         grad_sums=[z.clone() for z in zeros], distance=[batch + self.config.distance_init],
+                         distance_numerator=[batch])
         if self.config.hypergradient_from is not None:  # no last step yet: cos = 0 leaves h = 1
             state.update(last_directions=[z.clone() for z in zeros],
                          step_scale=[params[0].new_ones(params[0].shape[0], dtype=torch.float32)])

@@ -150,7 +150,8 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         """An Adam-like lr with Prodigy's step size stalls training: say so (once)."""
         if self.learned.config.step_size == "prodigy" and lr < 0.1:
             self._warn_once("lr", f"MetaNetOptimizer: lr={lr:g} multiplies this rule's automatic step size "
-                                  f"(Prodigy's distance estimate, which starts at 1e-6; default lr 1.0). Below 0.1 "
+                                  f"(Prodigy's distance estimate, which starts at {self.learned.config.distance_init:g}; "
+                                  f"default lr 1.0). Below 0.1 "
                                   f"the estimate grows slowly or, from 0.01 down, not at all, and training stalls. "
                                   f"Leave lr unset, or for a fixed Adam-like step size pass step_size='fixed'")
 
@@ -230,13 +231,13 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         saved and restored with the state dict."""
         if self.learned.config.step_size != "prodigy":
             return None
-        return self.param_groups[0].get("distance", PRODIGY_D0)
+        return self.param_groups[0].get("distance", self.learned.config.distance_init)
 
     def _update_distance(self, params: list[Tensor], grads: list[Tensor], states: list[dict], step: int) -> float:
         """``prodigy_distance`` over all parameters together, in place, at the steps
         ``LearnedOptimizer.distance_weights`` names: the same sums in few kernels."""
         group, weights = self.param_groups[0], self.learned.distance_weights(step)
-        distance = group.get("distance", PRODIGY_D0)
+        distance = group.get("distance", self.learned.config.distance_init)
         if weights is None:
             return distance
         lr_factor, beta3 = weights
