@@ -136,6 +136,32 @@ def test_default_fits_a_siren_below_adam_at_its_horizon(seed):
     assert sum(learned[-30:]) < sum(losses[-30:]), (sum(learned[-30:]) / 30, sum(losses[-30:]) / 30)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_distance_init_lets_a_weak_signal_under_noise_move_the_weights(seed):
+    # a REINFORCE-like objective: push a small net's outputs up by a mean advantage of 0.1 under
+    # zero-mean noise of 3. From Prodigy's first estimate, 1e-6 (the shipped default's), the weights
+    # barely move and the estimate stays below 1e-3 (9e-6 after 200 steps on seed 0): nothing trains,
+    # as on Acrobot. From config.distance_init = 1e-3, Adam's default step, it does
+    # (docs/optimizer.md, "Where the estimate starts": not shipped, it costs elsewhere)
+    def push(learned):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(64, 8, generator=g)
+        start = net(x).mean().item()
+        opt = MetaNetOptimizer(net.parameters(), learned=learned)
+        for _ in range(200):
+            opt.zero_grad()
+            advantage = 0.1 + 3.0 * torch.randn(64, generator=g)
+            (-(advantage * net(x).squeeze(1)).mean()).backward()
+            opt.step()
+        return net(x).mean().item() - start, opt.distance()
+
+    (moved, distance), (tiny_moved, tiny_distance) = push(load_learned().with_config(distance_init=1e-3)), push(None)
+    assert moved > 0.2 and distance > 1e-3, (moved, distance)
+    assert abs(tiny_moved) < 0.1 and tiny_distance < 1e-3, (tiny_moved, tiny_distance)
+
+
 @pytest.mark.slow
 def test_default_stays_in_the_basin_at_10x_its_horizon():
     # without its late phase (mix_decay_from, lr_decay_from) the shipped rule fitted these SIRENs to
