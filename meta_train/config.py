@@ -92,6 +92,8 @@ class Config:
                                            "gradient (the shipped default's)")
     distance_init: float = _f(1e-6, "with step_size prodigy: the distance estimate's first value, its smallest "
                               "step size per unit lr (Prodigy's: 1e-6)")
+    distance_growth: float = _f(0.0, "with step_size prodigy: the distance estimate grows at most this factor per "
+                                "inner step (Prodigy's growth_rate; 0: unbounded)")
     hypergradient_from: int = _f(0, "from this inner step on, where a fit is at the floor its step size allows "
                                  "(the gradient far below the remembered one), the step size shrinks while new "
                                  "gradients oppose the last step: hypergradient descent (0: off; the shipped "
@@ -135,6 +137,8 @@ class Config:
                        self.hypergradient_from) < 0:
             raise ConfigError("clip_grad_norm, eval_every, augment_scale, max_mix, mix_decay_from, amsgrad_from, "
                               "lr_decay_from, late_refresh_every and hypergradient_from must be >= 0")
+        if self.distance_growth and not (1 <= self.distance_growth < math.inf):
+            raise ConfigError(f"distance_growth is a factor >= 1 (or 0 for unbounded), got {self.distance_growth}")
         if not (0 < self.distance_init < math.inf):
             raise ConfigError(f"distance_init must be a positive number, got {self.distance_init}")
         if self.augment_scale and self.augment_scale < 1:

@@ -117,11 +117,11 @@ class _StopFlag:
 # learned-optimizer settings a fine-tune may change: how the rule uses the metanetwork's outputs
 # (how often it runs, how far the additive terms reach, its late phase, how the momentum follows the
 # step size, whether the parameter term follows the gradient, the step size's hypergradient factor,
-# where the distance estimate starts),
+# where the distance estimate starts and how fast it may grow),
 # not what the meta-parameters mean
 RETUNABLE = frozenset({"refresh_every", "late_refresh_every", "max_mix", "mix_decay_from", "amsgrad_from", "lr_decay_from",
                        "distance_weighted_momentum", "param_term_follows_gradient", "hypergradient_from",
-                       "distance_init"})
+                       "distance_init", "distance_growth"})
 
 
 def _warm_start(init: dict[str, Tensor], path: str, problem: MetaProblem) -> dict[str, Tensor]:

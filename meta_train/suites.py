@@ -87,7 +87,8 @@ def learned_optimizer(config: Config, lr: float):
                                                    distance_weighted_momentum=config.distance_weighted_momentum,
                                                    param_term_follows_gradient=config.param_term_follows_gradient,
                                                    hypergradient_from=config.hypergradient_from or None,
-                                                   distance_init=config.distance_init))
+                                                   distance_init=config.distance_init,
+                                                   distance_growth=config.distance_growth or None))
 
 
 def _tiny(config: Config, device: torch.device) -> MetaProblem:

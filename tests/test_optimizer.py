@@ -82,7 +82,7 @@ def test_trained_metanetwork_changes_the_update():
 
 
 @pytest.mark.parametrize("config", [{}, {"refresh_every": 3}, LATE, PRODIGY, {**LATE, **PRODIGY}, SHIPPED_LIKE,
-                                    {**SHIPPED_LIKE, "distance_init": 1e-3}])
+                                    {**SHIPPED_LIKE, "distance_init": 1e-3, "distance_growth": 1.1}])
 def test_functional_core_matches_the_optimizer(config):
     torch.manual_seed(0)
     net = ARCHS["cnn2d_flatten"]()
@@ -498,7 +498,8 @@ def test_refresh_every_reuses_the_coefficients_in_between():
                                  {"amsgrad_from": -1}, {"lr_decay_from": 0}, {"step_size": "adaptive"},
                                  {"distance_warmup": -1}, {"late_refresh_every": 0}, {"refresh_every": None},
                                  {"hypergradient_from": 0}, {"hypergradient_rate": -0.1},
-                                 {"hypergradient_gate": math.nan}, {"distance_init": 0.0}, {"distance_init": math.inf}])
+                                 {"hypergradient_gate": math.nan}, {"distance_init": 0.0}, {"distance_init": math.inf},
+                                 {"distance_growth": 0.9}, {"distance_growth": math.inf}])
 def test_config_steps_are_checked(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         LearnedOptimizerConfig(**bad)
@@ -707,6 +708,28 @@ def test_distance_is_updated_every_step_then_at_refreshes_for_the_steps_between(
             assert weights[0] == pytest.approx(gaps[step])  # the weight of that many steps (no lr decay here)
     # every step to 6; then the refresh steps 9, 13, 17, each for the steps since the last update
     assert gaps == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1, 9: 3, 13: 4, 17: 4}
+
+
+def test_distance_growth_bounds_the_estimate_per_step():
+    # distance_growth g: d_{k+1} <= g * d_k at every update (g ** gap at the refresh updates after the
+    # warm-up), and the bounded estimate is the unbounded one wherever that grows more slowly
+    nets, x, y = twin_nets()
+    config = LearnedOptimizerConfig(step_size="prodigy", lr=1.0, refresh_every=3, distance_warmup=6, distance_init=1e-4)
+    bounded = MetaNetOptimizer(nets[0].parameters(), learned=LearnedOptimizer(dataclasses.replace(config,
+                                                                                                distance_growth=1.5)))
+    free = MetaNetOptimizer(nets[1].parameters(), learned=LearnedOptimizer(config))
+    history = {"bounded": [1e-4], "free": [1e-4]}
+    for step in range(1, 30):
+        for name, net, opt in (("bounded", nets[0], bounded), ("free", nets[1], free)):
+            train(net, opt, 1, x, y)
+            history[name].append(opt.distance())
+        gap = 1 if step <= 6 else (3 if bounded.learned.refreshes(step) else 0)
+        assert history["bounded"][-1] <= history["bounded"][-2] * 1.5 ** gap * (1 + 1e-12)
+    free_ratios = [b / a for a, b in zip(history["free"], history["free"][1:])]
+    assert max(free_ratios) > 1.5  # unbounded, it jumps
+    bounded_ratios = [b / a for a, b in zip(history["bounded"], history["bounded"][1:])]
+    assert any(r == pytest.approx(1.5) for r in bounded_ratios[:6])  # it met the bound in the warm-up
+    assert history["bounded"][-1] > 10 * history["bounded"][0]  # and still grew
 
 
 def test_refreshes_slow_down_after_the_warm_up_and_the_estimate_follows():

@@ -106,6 +106,10 @@ class LearnedOptimizerConfig:
     # task whose early gradients point nowhere in particular (a policy gradient before any reward)
     # the weights never move far enough for the estimate to grow (docs/optimizer.md, "Step size")
     distance_init: float = PRODIGY_D0
+    # with step_size "prodigy": the estimate grows at most this factor per step (Prodigy's growth_rate;
+    # None: unbounded, Prodigy's default). From a start near the task's scale the estimate can jump
+    # 10x within ten steps, and a deep ReLU net dies of the jump (docs/optimizer.md, "Step size")
+    distance_growth: float | None = None
     # the distance estimate is updated at every step up to this one, while it grows fastest, and
     # from then on with the metanetwork, at its refresh steps (LearnedOptimizer.distance_weights)
     distance_warmup: int = 100
@@ -141,6 +145,9 @@ class LearnedOptimizerConfig:
             raise ValueError(f"step_size must be one of {STEP_SIZES}, got {self.step_size!r}")
         if not (isinstance(self.distance_init, (int, float)) and 0 < self.distance_init < math.inf):
             raise ValueError(f"distance_init must be a positive number, got {self.distance_init!r}")
+        growth = self.distance_growth
+        if growth is not None and not (isinstance(growth, (int, float)) and 1 <= growth < math.inf):
+            raise ValueError(f"distance_growth must be None (unbounded) or a factor >= 1, got {growth!r}")
         if not (isinstance(self.distance_warmup, int) and self.distance_warmup >= 0):
             raise ValueError(f"distance_warmup must be an integer step >= 0, got {self.distance_warmup!r}")
         if not (isinstance(self.refresh_every, int) and self.refresh_every >= 1):
@@ -235,14 +242,15 @@ def _stat_layout(structure: Structure, device) -> tuple[Tensor, Tensor]:
 
 def prodigy_distance(distance: Tensor, numerator: Tensor, grad_sums: Sequence[Tensor], grads: Sequence[Tensor],
                      params: Sequence[Tensor], initial: Sequence[Tensor], lr_factor: float,
-                     beta3: float) -> tuple[Tensor, Tensor, list[Tensor]]:
+                     beta3: float, max_growth: float = math.inf) -> tuple[Tensor, Tensor, list[Tensor]]:
     """One step of Prodigy's distance estimate for a batch of tasks (``distance``, ``numerator``: [B]).
 
     With steps of size ``d_k * lr_factor_k`` along any direction, ``sum_k w_k <g_k, x_0 - x_k>`` over
     ``||sum_k w_k g_k||_1`` (weights ``w_k = d_k^2 lr_factor_k / PRODIGY_D0``, both sums discounted by
     ``beta3``) is a lower estimate of the distance to the solution: Prodigy's, with the weights of its
     Adam variant. It never shrinks: ``d`` is the running maximum (a non-finite or 0/0 estimate leaves
-    it). Every term is a sum over all weights, so ``d`` is invariant to any permutation of neurons.
+    it), and grows at most ``max_growth``-fold. Every term is a sum over all weights, so ``d`` is
+    invariant to any permutation of neurons.
     Out of place, differentiable and vmappable; returns the new (distance, numerator, grad_sums).
     """
     weight = distance * distance * (lr_factor / PRODIGY_D0)  # [B]
@@ -252,7 +260,10 @@ def prodigy_distance(distance: Tensor, numerator: Tensor, grad_sums: Sequence[Te
                  for s, g in zip(grad_sums, grads)]
     l1 = sum(s.abs().reshape(s.shape[0], -1).sum(1) for s in grad_sums)
     estimate = numerator / l1
-    distance = torch.where((l1 > 0) & torch.isfinite(estimate), torch.maximum(distance, estimate), distance)
+    grown = torch.maximum(distance, estimate)
+    if max_growth < math.inf:
+        grown = torch.minimum(grown, distance * max_growth)
+    distance = torch.where((l1 > 0) & torch.isfinite(estimate), grown, distance)
     return distance, numerator, grad_sums
 
 
@@ -434,12 +445,12 @@ class LearnedOptimizer(nn.Module):
         start = self.config.mix_decay_from
         return 1.0 if start is None else min(1.0, start / float(step))
 
-    def distance_weights(self, step: int) -> tuple[float, float] | None:
-        """``(lr_factor, beta3)`` for ``prodigy_distance`` at ``step``, or None where the estimate
+    def distance_weights(self, step: int) -> tuple[float, float, float] | None:
+        """``(lr_factor, beta3, max_growth)`` for ``prodigy_distance`` at ``step``, or None where the estimate
         stands still. Every step up to ``distance_warmup``; after it, only at the metanetwork's
         refresh steps, from that step's gradient standing for the steps since the last update
-        (weight and discount of that many steps): its cost, a few passes over the parameters, is
-        then amortised as the metanetwork's is."""
+        (weight, discount and growth bound of that many steps): its cost, a few passes over the
+        parameters, is then amortised as the metanetwork's is."""
         c, step = self.config, int(step)
         if step <= c.distance_warmup:
             gap = 1
@@ -447,7 +458,8 @@ class LearnedOptimizer(nn.Module):
             gap = min(self.refresh_period(step), step - c.distance_warmup)
         else:
             return None
-        return self.lr_factor(step) * gap, math.sqrt(c.beta2) ** gap
+        growth = math.inf if c.distance_growth is None else c.distance_growth ** gap
+        return self.lr_factor(step) * gap, math.sqrt(c.beta2) ** gap, growth
 
     def adapts_step(self, step) -> bool:
         """Whether ``step`` (counted from 1) updates the hypergradient factor on the step size: from

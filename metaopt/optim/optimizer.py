@@ -240,7 +240,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         distance = group.get("distance", self.learned.config.distance_init)
         if weights is None:
             return distance
-        lr_factor, beta3 = weights
+        lr_factor, beta3, max_growth = weights
         weight = distance * distance * lr_factor / PRODIGY_D0
         sums = [st["grad_sum"] for st in states]
         moved = torch._foreach_sub([st["initial_param"] for st in states], params)  # x_0 - x
@@ -253,7 +253,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
         numerator = beta3 * group.get("distance_numerator", 0.0) + weight * dot
         estimate = numerator / l1 if l1 > 0 else math.nan
         if math.isfinite(estimate):
-            distance = max(distance, estimate)
+            distance = min(max(distance, estimate), distance * max_growth)
         group["distance"], group["distance_numerator"] = distance, numerator
         return distance
 

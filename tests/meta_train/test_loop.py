@@ -176,15 +176,15 @@ def test_init_from_starts_at_the_saved_meta_parameters_and_names_mismatches(tmp_
     # (and whether the momentum follows the distance estimate, as the shipped file's does)
     every_4 = small.replace(refresh_every=4, late_refresh_every=2, max_mix=0.0, mix_decay_from=1, amsgrad_from=2,
                             lr_decay_from=3, distance_weighted_momentum=True, param_term_follows_gradient=True,
-                            hypergradient_from=3, distance_init=1e-3, outer_steps=2, max_horizon=20,
+                            hypergradient_from=3, distance_init=1e-3, distance_growth=1.1, outer_steps=2, max_horizon=20,
                             min_horizon=20, truncation_length=5, stagger=False)
     retuned = MetaTrainer(every_4, build_problem(every_4))
     assert all(torch.equal(retuned.meta_params()[k], v) for k, v in shipped.items())
     config = retuned.problem.opt.config
     assert (config.refresh_every, config.late_refresh_every, config.max_mix, config.mix_decay_from,
             config.amsgrad_from, config.lr_decay_from, config.distance_weighted_momentum,
-            config.param_term_follows_gradient, config.hypergradient_from, config.distance_init) == \
-        (4, 2, 0, 1, 2, 3, True, True, 3, 1e-3)
+            config.param_term_follows_gradient, config.hypergradient_from, config.distance_init,
+            config.distance_growth) == (4, 2, 0, 1, 2, 3, True, True, 3, 1e-3, 1.1)
     retuned.train()
     assert not all(torch.equal(retuned.meta_params()[k], v) for k, v in shipped.items())
 
