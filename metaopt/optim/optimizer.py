@@ -78,7 +78,7 @@ class MetaNetOptimizer(torch.optim.Optimizer):
             paid for by a compilation at the first step and whenever the model's shapes change.
         refresh_every: run the metanetwork every this many steps, throughout, and reuse its
             per-neuron coefficients in between (None: the learned optimizer's own settings, for
-            the shipped default every 4th step, every 8th after step 100). Its cost does
+            the shipped default every 4th step, every 16th after step 100). Its cost does
             not shrink with the model, so on small models this is most of the step's overhead over
             Adam; docs/optimizer.md measures what it saves and what it changes.
         maximize: ascend the objective instead (as ``torch.optim.Adam(maximize=True)``): the rule
