@@ -166,6 +166,29 @@ def test_update_is_equivariant_to_hidden_permutations(name, config):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["mlp5", "cnn2d_gap"])
+def test_step_scale_is_invariant_to_hidden_permutations(name):
+    # the hypergradient factor h reads sums over every tensor: the permuted model gets the same h
+    # (here moved well below 1: its gate held open, a fast rate, steps that overshoot) and so the
+    # permuted update. Steps of 0.05 for 8 steps amplify float32 reassociation more than the 3 small
+    # steps of the test above: 1e-4, where the weights under a wrong permutation are ~6 apart
+    torch.manual_seed(0)
+    net = ARCHS[name]()
+    ws = WeightSpace.from_modules(net)
+    perms = random_hidden_perms(ws.spec, torch.Generator().manual_seed(1))
+    permuted = ws.permute_hidden(perms).to_modules(net)[0]
+    x, y = data(name)
+    learned = random_learned(hypergradient_from=2, hypergradient_gate=1e9, hypergradient_rate=2.0)
+    opts = [MetaNetOptimizer(m.parameters(), lr=0.05, learned=learned, module=m) for m in (net, permuted)]
+    for m, opt in zip((net, permuted), opts):
+        train(m, opt, 8, x, y)
+    assert opts[0].step_scale() < 0.9
+    assert opts[1].step_scale() == pytest.approx(opts[0].step_scale(), rel=1e-5)
+    expected = WeightSpace.from_modules(net).permute_hidden(perms)
+    for a, b in zip(WeightSpace.from_modules(permuted).tensors(), expected.tensors()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_update_notices_uncoupled_permutations():
     """Sensitivity: permute rows of W_0 and b_0 in *every* input (params, grads, moments) but not
     the columns of W_1. A per-tensor rule such as Adam returns exactly the row-permuted update for

@@ -135,7 +135,7 @@ class LearnedOptimizerConfig:
     # gradient has collapsed (rho ~ 1e-5 on a SIREN fit at 1e-13) while the steps bounce across the
     # minimum (cos < 0): h shrinks until they stop. Elsewhere (rho > gate) h grows back to 1: on
     # minibatch and valley-shaped losses cos is negative too, and shrinking the step there slowed
-    # long runs 2-40x (docs/optimizer.md, "Step size at the floor")
+    # long runs 2-40x (docs/optimizer.md, "Step size at a floor")
     hypergradient_from: int | None = None
     hypergradient_rate: float = 0.2
     hypergradient_gate: float = 0.01
