@@ -145,25 +145,31 @@ def loss_fn_call(module, named_from, params, x, y):
     return ((out.mean(-1, keepdim=True) - y) ** 2).mean()
 
 
-@pytest.mark.parametrize("name,config", [("mlp3", {}), ("mlp5", {}), ("cnn2d_flatten", {}), ("cnn2d_gap", {}),
-                                         ("mlp5", {"refresh_every": 2}), ("cnn2d_flatten", {"refresh_every": 2}),
-                                         ("mlp5", LATE), ("cnn1d", LATE), ("mlp5", PRODIGY),
-                                         ("cnn2d_flatten", {**LATE, **PRODIGY}), ("mlp5", SHIPPED_LIKE)])
-def test_update_is_equivariant_to_hidden_permutations(name, config):
-    # with refresh_every=2, step 2 reuses step 1's coefficients: the cache must be permuted with the model
+def train_permuted_twins(name, learned, lr, steps, tol):
+    """Train ARCHS[name] and a hidden-permuted copy of it with the same rule; the copy must end as
+    the permuted original. Returns both optimizers."""
     torch.manual_seed(0)
     net = ARCHS[name]()
     ws = WeightSpace.from_modules(net)
     perms = random_hidden_perms(ws.spec, torch.Generator().manual_seed(1))
     permuted = ws.permute_hidden(perms).to_modules(net)[0]
     x, y = data(name)
-    learned = random_learned(**config)
-    train(net, MetaNetOptimizer(net.parameters(), lr=1e-2, learned=learned, module=net), 3, x, y)
-    train(permuted, MetaNetOptimizer(permuted.parameters(), lr=1e-2, learned=learned, module=permuted), 3, x, y)
+    opts = [MetaNetOptimizer(m.parameters(), lr=lr, learned=learned, module=m) for m in (net, permuted)]
+    for m, opt in zip((net, permuted), opts):
+        train(m, opt, steps, x, y)
     expected = WeightSpace.from_modules(net).permute_hidden(perms)
-    got = WeightSpace.from_modules(permuted)
-    for a, b in zip(got.tensors(), expected.tensors()):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(WeightSpace.from_modules(permuted).tensors(), expected.tensors()):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    return opts
+
+
+@pytest.mark.parametrize("name,config", [("mlp3", {}), ("mlp5", {}), ("cnn2d_flatten", {}), ("cnn2d_gap", {}),
+                                         ("mlp5", {"refresh_every": 2}), ("cnn2d_flatten", {"refresh_every": 2}),
+                                         ("mlp5", LATE), ("cnn1d", LATE), ("mlp5", PRODIGY),
+                                         ("cnn2d_flatten", {**LATE, **PRODIGY}), ("mlp5", SHIPPED_LIKE)])
+def test_update_is_equivariant_to_hidden_permutations(name, config):
+    # with refresh_every=2, step 2 reuses step 1's coefficients: the cache must be permuted with the model
+    train_permuted_twins(name, random_learned(**config), lr=1e-2, steps=3, tol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["mlp5", "cnn2d_gap"])
@@ -172,21 +178,10 @@ def test_step_scale_is_invariant_to_hidden_permutations(name):
     # (here moved well below 1: its gate held open, a fast rate, steps that overshoot) and so the
     # permuted update. Steps of 0.05 for 8 steps amplify float32 reassociation more than the 3 small
     # steps of the test above: 1e-4, where the weights under a wrong permutation are ~6 apart
-    torch.manual_seed(0)
-    net = ARCHS[name]()
-    ws = WeightSpace.from_modules(net)
-    perms = random_hidden_perms(ws.spec, torch.Generator().manual_seed(1))
-    permuted = ws.permute_hidden(perms).to_modules(net)[0]
-    x, y = data(name)
     learned = random_learned(hypergradient_from=2, hypergradient_gate=1e9, hypergradient_rate=2.0)
-    opts = [MetaNetOptimizer(m.parameters(), lr=0.05, learned=learned, module=m) for m in (net, permuted)]
-    for m, opt in zip((net, permuted), opts):
-        train(m, opt, 8, x, y)
-    assert opts[0].step_scale() < 0.9
-    assert opts[1].step_scale() == pytest.approx(opts[0].step_scale(), rel=1e-5)
-    expected = WeightSpace.from_modules(net).permute_hidden(perms)
-    for a, b in zip(WeightSpace.from_modules(permuted).tensors(), expected.tensors()):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    original, permuted = train_permuted_twins(name, learned, lr=0.05, steps=8, tol=1e-4)
+    assert original.step_scale() < 0.9
+    assert permuted.step_scale() == pytest.approx(original.step_scale(), rel=1e-5)
 
 
 def test_update_notices_uncoupled_permutations():
